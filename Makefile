@@ -1,0 +1,34 @@
+# Two commands: `make run` and `make test`. Both create .venv/ and install on first use.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The torch wheels this machine kind ships on disk (pip takes them from there, no download).
+TORCH := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install run test lint bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet $(TORCH)
+	# torch is already satisfied, so resolving the project cannot pull another build.
+	$(BIN)/pip install --quiet -e ".[dev]" $(TORCH)
+	touch $@
+
+run: install
+	$(BIN)/diffnas space show sd15 --arch experiments/snapfusion_sd15.arch.json
+
+test: install
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+bench: install
+	$(BIN)/python experiments/benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache
