@@ -96,6 +96,8 @@ class ElasticUNet(nn.Module):
         """Run `arch` from now on; copies it needs for the first time start as the original."""
         self.space.validate(arch)
         for path, n in arch.multiplicity.items():
+            if n < 2:
+                continue
             copies = self._copies_of(path)
             while len(copies) < n - 1:
                 copies.append(_clone(self.unet.get_submodule(path)))
@@ -106,6 +108,10 @@ class ElasticUNet(nn.Module):
         arch = self.space.random(seed)
         self.set_architecture(arch)
         return arch
+
+    def copies_paths(self) -> list[str]:
+        """Slots that have copies (created by some architecture so far)."""
+        return [p for p in self.space.slots if _key(p) in self.copies]
 
     def _copies_of(self, path: str) -> nn.ModuleList:
         key = _key(path)
@@ -118,7 +124,8 @@ class ElasticUNet(nn.Module):
         n = self._arch[path]
         if n == 0:
             return []
-        return [self.unet.get_submodule(path), *list(self._copies_of(path))[: n - 1]]
+        copies = self.copies[_key(path)] if _key(path) in self.copies else []
+        return [self.unet.get_submodule(path), *list(copies)[: n - 1]]
 
     # -- forward ----------------------------------------------------------------------------
 
@@ -166,7 +173,7 @@ class ElasticUNet(nn.Module):
         config = {
             "space": spec,
             "architecture": self._arch.to_dict(),
-            "copies": {path: len(self._copies_of(path)) for path in self.space.slots},
+            "copies": {path: len(self.copies[_key(path)]) for path in self.copies_paths()},
             "skip": asdict(self.skip),
         }
         (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
