@@ -13,6 +13,7 @@ import click
 import typer
 from rich.console import Console
 
+from latency.cli import app as latency_app
 from search_spaces.cli import app as space_app
 from search_spaces.errors import UserError
 
@@ -22,6 +23,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(space_app, name="space")
+app.add_typer(latency_app, name="latency")
 
 
 @app.callback()

@@ -1,0 +1,237 @@
+"""`diffnas latency ...`: build, show, predict, import and export lookup tables."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from search_spaces import Architecture, load_space
+
+from .backends import get_backend
+from .predict import Predictor
+from .profile import build_table
+from .signature import unet_parts
+from .table import LatencyTable, check_device_name
+
+app = typer.Typer(
+    help="Latency lookup tables: build, show, predict, validate.", no_args_is_help=True
+)
+console = Console()
+
+DB_HELP = "SQLite table file (default: $DIFFNAS_LATENCY_DB or ./latency.db)."
+
+
+def default_db() -> Path:
+    return Path(os.environ.get("DIFFNAS_LATENCY_DB", "latency.db"))
+
+
+def open_table(db: Path | None) -> LatencyTable:
+    return LatencyTable(db or default_db())
+
+
+@app.command("build")
+def build_cmd(
+    space: str = typer.Argument(..., help="Space name or YAML file."),
+    device: str = typer.Option(..., "--device", help="Name of the device in the table."),
+    backend: str = typer.Option("torch", "--backend", help="torch or coreml."),
+    compute_unit: str = typer.Option(
+        None, "--compute-unit", help="torch: cpu|cuda|mps; coreml: ALL|CPU_ONLY|..."
+    ),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, fp16 or bf16."),
+    db: Path = typer.Option(None, "--db", help=DB_HELP),
+    repeats: int = typer.Option(10, "--repeats", help="Timed runs per block."),
+    warmup: int = typer.Option(3, "--warmup", help="Untimed runs first."),
+    threads: int = typer.Option(None, "--threads", help="torch threads (default: torch's)."),
+    force: bool = typer.Option(False, "--force", help="Measure again what the table has."),
+) -> None:
+    """Profile every block signature of SPACE that the table lacks."""
+    check_device_name(device)
+    b = get_backend(
+        backend,
+        compute_unit=compute_unit,
+        precision=precision,
+        repeats=repeats,
+        warmup=warmup,
+        threads=threads,
+    )
+    sp = load_space(space)
+    with open_table(db) as table:
+        report = build_table(sp, table, b, device, force=force)
+        console.print(
+            f"measured {len(report.measured)} block(s), {report.skipped} already in "
+            f"{table.path}, in {report.seconds:.1f} s"
+        )
+
+
+@app.command("show")
+def show_cmd(
+    device: str = typer.Option(None, "--device", help="Device to show (default: list devices)."),
+    space: str = typer.Option(None, "--space", help="Break the original network down by stage."),
+    plot: Path = typer.Option(None, "--plot", help="Write per-stage CA/ResNet bars (PNG)."),
+    db: Path = typer.Option(None, "--db", help=DB_HELP),
+    backend: str = typer.Option(None, "--backend"),
+    precision: str = typer.Option(None, "--precision"),
+) -> None:
+    """Devices of a table, a device's measurements, or a space's per-stage latency."""
+    with open_table(db) as table:
+        if device is None:
+            t = Table("device", "backend", "compute unit", "precision", "signatures", "rows")
+            for d in table.devices():
+                t.add_row(
+                    d["device"],
+                    d["backend"],
+                    d["compute_unit"],
+                    d["precision"],
+                    str(d["signatures"]),
+                    str(d["rows"]),
+                )
+            console.print(t)
+            return
+        if space is None:
+            setting = table.setting(device, backend=backend, precision=precision)
+            t = Table("hash", "block", "median ms", "IQR ms", "n", title=device)
+            rows = {
+                m.signature.hash: m
+                for m in table.rows(device)
+                if m.backend == setting["backend"] and m.precision == setting["precision"]
+            }
+            for h, m in sorted(rows.items(), key=lambda kv: -kv[1].median_ms):
+                t.add_row(
+                    h,
+                    m.signature.describe(),
+                    f"{m.median_ms:.3f}",
+                    f"{m.iqr_ms:.3f}",
+                    str(len(m.samples)),
+                )
+            console.print(t)
+            return
+        sp = load_space(space)
+        predictor = Predictor(sp, table, device, backend=backend, precision=precision)
+        pred = predictor.predict(sp.original())
+        t = Table("stage", "cross-attention ms", "ResNet ms", title=f"{sp.name} on {device}")
+        for stage, kinds in pred.per_stage.items():
+            t.add_row(stage, f"{kinds['cross_attention']:.2f}", f"{kinds['resnet']:.2f}")
+        t.add_row("fixed parts", "", f"{pred.fixed_ms:.2f}")
+        console.print(t)
+        console.print(f"total (original): {pred.raw_ms:.2f} ms")
+        if plot is not None:
+            stage_plot(sp, pred, device, plot)
+            console.print(f"wrote {plot}")
+
+
+def stage_plot(space, prediction, device: str, path: Path) -> None:
+    """The paper's Fig. 2: latency and parameters of CA and ResNet blocks per stage."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    stages = list(space.stages)
+    x = np.arange(len(stages))
+    params = {
+        k: [
+            sum(space.slots[p].block.params for p in space.stages[s] if space.slots[p].kind == k)
+            / 1e6
+            for s in stages
+        ]
+        for k in ("cross_attention", "resnet")
+    }
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), dpi=120)
+    for ax, values, unit in [
+        (axes[0], {k: [prediction.per_stage[s][k] for s in stages] for k in params}, "ms"),
+        (axes[1], params, "M parameters"),
+    ]:
+        ax.bar(x - 0.2, values["cross_attention"], 0.4, label="cross-attention", color="C0")
+        ax.bar(x + 0.2, values["resnet"], 0.4, label="ResNet", color="C1")
+        ax.set_xticks(x, stages)
+        ax.set_ylabel(unit)
+        ax.legend(fontsize=8)
+    axes[0].set_title(f"latency on {device}", fontsize=10)
+    axes[1].set_title("parameters", fontsize=10)
+    fig.suptitle(f"{space.name}: blocks per stage", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+@app.command("predict")
+def predict_cmd(
+    space: str = typer.Argument(..., help="Space name or YAML file."),
+    arch: Path = typer.Argument(None, help="Architecture JSON (default: the original)."),
+    device: str = typer.Option(..., "--device"),
+    db: Path = typer.Option(None, "--db", help=DB_HELP),
+    backend: str = typer.Option(None, "--backend"),
+    precision: str = typer.Option(None, "--precision"),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Predicted latency of an architecture, with a per-stage breakdown."""
+    sp = load_space(space)
+    architecture = sp.original() if arch is None else Architecture.load(arch)
+    sp.check_fits(architecture, str(arch) if arch else "architecture")
+    with open_table(db) as table:
+        predictor = Predictor(sp, table, device, backend=backend, precision=precision)
+        pred = predictor.predict(architecture)
+        origin = predictor.predict(sp.original())
+    if as_json:
+        console.print_json(json.dumps({**pred.to_dict(), "original_ms": origin.total_ms}))
+        return
+    t = Table("stage", "cross-attention ms", "ResNet ms")
+    for stage, kinds in pred.per_stage.items():
+        t.add_row(stage, f"{kinds['cross_attention']:.2f}", f"{kinds['resnet']:.2f}")
+    t.add_row("fixed parts", "", f"{pred.fixed_ms:.2f}")
+    console.print(t)
+    note = " (calibrated)" if pred.calibrated else ""
+    console.print(
+        f"predicted: {pred.total_ms:.2f} ms{note}; original {origin.total_ms:.2f} ms "
+        f"({100 * pred.total_ms / origin.total_ms:.1f}%)"
+    )
+
+
+@app.command("export")
+def export_cmd(
+    out: Path = typer.Argument(..., help="Output file: .json or .csv."),
+    device: str = typer.Option(None, "--device", help="Only this device."),
+    db: Path = typer.Option(None, "--db", help=DB_HELP),
+) -> None:
+    """Write the table's rows as JSON or CSV."""
+    if out.exists():
+        raise typer.BadParameter(f"{out} exists; choose another name", param_hint="OUT")
+    with open_table(db) as table:
+        text = table.export_csv(device) if out.suffix == ".csv" else table.export_json(device)
+    out.write_text(text)
+    console.print(f"wrote {out}")
+
+
+@app.command("import")
+def import_cmd(
+    file: Path = typer.Argument(..., help="A JSON or CSV export."),
+    db: Path = typer.Option(None, "--db", help=DB_HELP),
+) -> None:
+    """Add the rows of an export to the table (validated first: all or nothing)."""
+    with open_table(db) as table:
+        n = table.import_file(file)
+    console.print(f"imported {n} row(s)")
+
+
+@app.command("signatures")
+def signatures_cmd(
+    space: str = typer.Argument(..., help="Space name or YAML file."),
+    precision: str = typer.Option("fp32", "--precision"),
+) -> None:
+    """The distinct block signatures of a space (what a device table needs)."""
+    sp = load_space(space)
+    t = Table("hash", "block", "used by")
+    users: dict = {}
+    for part in unet_parts(sp, precision):
+        users.setdefault(part.signature, []).append(part.name)
+    for sig, names in users.items():
+        t.add_row(
+            sig.hash, sig.describe(), ", ".join(names[:3]) + (" ..." if len(names) > 3 else "")
+        )
+    console.print(t)

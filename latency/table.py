@@ -1,0 +1,358 @@
+"""LatencyTable: block latencies per device, in SQLite.
+
+One row per measurement set (device, backend, compute unit, precision, signature), append
+only: measuring again adds a row and lookups take the newest, so nothing stored is ever
+overwritten or lost. Several devices live in one file. WAL mode lets a service read while
+an agent writes.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+import sqlite3
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from search_spaces import UserError
+
+from .signature import BlockSignature
+
+SCHEMA_VERSION = 1
+DEVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@+-]{0,63}$")
+SOURCES = ("measured", "predicted")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS measurements (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    device TEXT NOT NULL,
+    backend TEXT NOT NULL,
+    compute_unit TEXT NOT NULL,
+    precision TEXT NOT NULL,
+    sig_hash TEXT NOT NULL,
+    signature TEXT NOT NULL,
+    samples TEXT NOT NULL,
+    median_ms REAL NOT NULL,
+    iqr_ms REAL NOT NULL,
+    source TEXT NOT NULL,
+    created REAL NOT NULL,
+    versions TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS measurements_key
+    ON measurements (device, backend, compute_unit, precision, sig_hash);
+CREATE TABLE IF NOT EXISTS calibrations (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    device TEXT NOT NULL,
+    space TEXT NOT NULL,
+    slope REAL NOT NULL,
+    intercept REAL NOT NULL,
+    samples INTEGER NOT NULL,
+    mape_before REAL NOT NULL,
+    mape_after REAL NOT NULL,
+    created REAL NOT NULL
+);
+"""
+
+
+def check_device_name(name: str) -> str:
+    if not isinstance(name, str) or not DEVICE_NAME.match(name):
+        raise UserError(
+            f"invalid device name {name!r}: use letters, digits and . _ - + @ "
+            "(no slashes or spaces, at most 64 characters), e.g. 'iphone-14-pro' or 'cpu-2core'"
+        )
+    return name
+
+
+@dataclass
+class Measurement:
+    device: str
+    backend: str  # torch, coreml, ...
+    compute_unit: str  # cpu, cuda, mps; or Core ML's CPU_ONLY / CPU_AND_GPU / CPU_AND_NE / ALL
+    precision: str  # fp32 | fp16 | bf16
+    signature: BlockSignature
+    samples: list[float]  # every timed repeat, ms
+    median_ms: float
+    iqr_ms: float
+    source: str = "measured"  # measured | predicted
+    created: float = field(default_factory=time.time)
+    versions: dict = field(default_factory=dict)  # tool versions, thread count, ...
+
+    def check(self) -> None:
+        check_device_name(self.device)
+        if self.source not in SOURCES:
+            raise UserError(f"source must be one of {', '.join(SOURCES)}, not {self.source!r}")
+        values = [self.median_ms, self.iqr_ms, *self.samples]
+        if not self.samples or not all(
+            isinstance(v, int | float) and math.isfinite(v) for v in values
+        ):
+            raise UserError(
+                f"measurement of {self.signature.describe()} on {self.device}: "
+                "latencies must be finite numbers, with at least one sample"
+            )
+        if self.median_ms <= 0 or min(self.samples) <= 0 or self.iqr_ms < 0:
+            raise UserError(
+                f"measurement of {self.signature.describe()} on {self.device}: "
+                "latencies must be positive (median and samples > 0, IQR >= 0)"
+            )
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["signature"] = self.signature.to_dict()
+        d["sig_hash"] = self.signature.hash
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Measurement:
+        try:
+            d = dict(d)
+            d.pop("sig_hash", None)
+            d.pop("id", None)
+            sig = d.pop("signature")
+            sig = BlockSignature.from_dict(json.loads(sig) if isinstance(sig, str) else sig)
+            for key in ("samples", "versions"):
+                if isinstance(d.get(key), str):
+                    d[key] = json.loads(d[key])
+            m = cls(signature=sig, **d)
+        except (TypeError, ValueError, KeyError) as e:
+            raise UserError(f"not a latency measurement ({e}): {str(d)[:200]}") from None
+        m.median_ms, m.iqr_ms = float(m.median_ms), float(m.iqr_ms)
+        m.samples = [float(s) for s in m.samples]
+        m.created = float(m.created)
+        return m
+
+
+class LatencyTable:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if self.path.exists() and not self.path.is_file():
+            raise UserError(f"latency table {self.path} is not a file")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
+        self._db.row_factory = sqlite3.Row
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.executescript(_SCHEMA)
+            self._db.execute(
+                "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+            )
+            self._db.commit()
+        except sqlite3.DatabaseError as e:
+            self._db.close()
+            raise UserError(
+                f"{self.path} is not a diffnas latency table ({e}); give a new file name "
+                "or the path of an existing table"
+            ) from None
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- writing ------------------------------------------------------------------------------
+
+    def add(self, measurements: Measurement | Iterable[Measurement]) -> int:
+        """Append measurements (all checked first: a bad one stores none). Returns the count."""
+        items = [measurements] if isinstance(measurements, Measurement) else list(measurements)
+        for m in items:
+            m.check()
+        with self._db:
+            self._db.executemany(
+                "INSERT INTO measurements (device, backend, compute_unit, precision, sig_hash,"
+                " signature, samples, median_ms, iqr_ms, source, created, versions)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                [
+                    (
+                        m.device,
+                        m.backend,
+                        m.compute_unit,
+                        m.precision,
+                        m.signature.hash,
+                        m.signature.to_json(),
+                        json.dumps(m.samples),
+                        m.median_ms,
+                        m.iqr_ms,
+                        m.source,
+                        m.created,
+                        json.dumps(m.versions, sort_keys=True),
+                    )
+                    for m in items
+                ],
+            )
+        return len(items)
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def devices(self) -> list[dict]:
+        rows = self._db.execute(
+            "SELECT device, backend, compute_unit, precision, COUNT(*) AS rows,"
+            " COUNT(DISTINCT sig_hash) AS signatures, MAX(created) AS updated"
+            " FROM measurements GROUP BY device, backend, compute_unit, precision ORDER BY device"
+        )
+        return [dict(r) for r in rows]
+
+    def setting(self, device: str, backend=None, compute_unit=None, precision=None) -> dict:
+        """The one (backend, compute unit, precision) of `device` matching the filters."""
+        check_device_name(device)
+        found = [
+            d
+            for d in self.devices()
+            if d["device"] == device
+            and backend in (None, d["backend"])
+            and compute_unit in (None, d["compute_unit"])
+            and precision in (None, d["precision"])
+        ]
+        if not found:
+            known = sorted({d["device"] for d in self.devices()}) or ["none yet"]
+            raise UserError(
+                f"no measurements for device {device!r} in {self.path} (with the given backend/"
+                f"compute unit/precision); devices here: {', '.join(known)}. Measure it with "
+                f"`diffnas latency build SPACE --device {device} --db {self.path}`"
+            )
+        if len(found) > 1:
+            options = ", ".join(
+                f"{d['backend']}/{d['compute_unit']}/{d['precision']}" for d in found
+            )
+            raise UserError(
+                f"device {device!r} has several settings ({options}); choose one with "
+                "--backend, --compute-unit or --precision"
+            )
+        return found[0]
+
+    def lookup(self, device: str, signatures: Iterable[BlockSignature], **setting) -> dict:
+        """Newest measurement per signature hash of `device` ({hash: Measurement}); missing
+        signatures are simply absent."""
+        s = self.setting(device, **setting)
+        hashes = list(dict.fromkeys(sig.hash for sig in signatures))
+        out: dict[str, Measurement] = {}
+        for i in range(0, len(hashes), 500):
+            chunk = hashes[i : i + 500]
+            rows = self._db.execute(
+                "SELECT * FROM measurements WHERE device=? AND backend=? AND compute_unit=?"
+                f" AND precision=? AND sig_hash IN ({','.join('?' * len(chunk))})"
+                " ORDER BY created, id",
+                (device, s["backend"], s["compute_unit"], s["precision"], *chunk),
+            )
+            for row in rows:
+                out[row["sig_hash"]] = Measurement.from_dict(dict(row))  # newest wins
+        return out
+
+    def measured_hashes(self, device: str, backend: str, compute_unit: str, precision: str) -> set:
+        rows = self._db.execute(
+            "SELECT DISTINCT sig_hash FROM measurements WHERE device=? AND backend=?"
+            " AND compute_unit=? AND precision=?",
+            (device, backend, compute_unit, precision),
+        )
+        return {r[0] for r in rows}
+
+    def rows(self, device: str | None = None) -> list[Measurement]:
+        query, args = "SELECT * FROM measurements", ()
+        if device is not None:
+            query, args = query + " WHERE device=?", (check_device_name(device),)
+        return [
+            Measurement.from_dict(dict(r)) for r in self._db.execute(query + " ORDER BY id", args)
+        ]
+
+    # -- calibration --------------------------------------------------------------------------
+
+    def add_calibration(
+        self,
+        device: str,
+        space: str,
+        slope: float,
+        intercept: float,
+        samples: int,
+        mape_before: float,
+        mape_after: float,
+    ) -> None:
+        if not all(math.isfinite(v) for v in (slope, intercept)) or slope <= 0:
+            raise UserError(f"calibration slope {slope} / intercept {intercept} is not usable")
+        with self._db:
+            self._db.execute(
+                "INSERT INTO calibrations (device, space, slope, intercept, samples, mape_before,"
+                " mape_after, created) VALUES (?,?,?,?,?,?,?,?)",
+                (
+                    check_device_name(device),
+                    space,
+                    slope,
+                    intercept,
+                    samples,
+                    mape_before,
+                    mape_after,
+                    time.time(),
+                ),
+            )
+
+    def calibration(self, device: str, space: str) -> dict | None:
+        row = self._db.execute(
+            "SELECT * FROM calibrations WHERE device=? AND space=? ORDER BY id DESC LIMIT 1",
+            (device, space),
+        ).fetchone()
+        return dict(row) if row else None
+
+    # -- import / export ----------------------------------------------------------------------
+
+    def export_json(self, device: str | None = None) -> str:
+        return json.dumps([m.to_dict() for m in self.rows(device)], indent=1) + "\n"
+
+    def export_csv(self, device: str | None = None) -> str:
+        buf = io.StringIO()
+        fields = [
+            "device",
+            "backend",
+            "compute_unit",
+            "precision",
+            "sig_hash",
+            "signature",
+            "samples",
+            "median_ms",
+            "iqr_ms",
+            "source",
+            "created",
+            "versions",
+        ]
+        writer = csv.DictWriter(buf, fieldnames=fields)
+        writer.writeheader()
+        for m in self.rows(device):
+            d = m.to_dict()
+            d["signature"] = m.signature.to_json()
+            d["samples"] = json.dumps(m.samples)
+            d["versions"] = json.dumps(m.versions, sort_keys=True)
+            writer.writerow(d)
+        return buf.getvalue()
+
+    def import_file(self, path: str | Path) -> int:
+        """Add the rows of a JSON or CSV export (validated first: all or nothing)."""
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"{path} does not exist")
+        text = path.read_text()
+        if path.suffix.lower() == ".csv":
+            records = list(csv.DictReader(io.StringIO(text)))
+        else:
+            try:
+                records = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
+            if not isinstance(records, list):
+                raise UserError(f"{path}: expected a JSON list of measurements")
+        measurements = []
+        for i, r in enumerate(records):
+            try:
+                m = Measurement.from_dict(r)
+                if "sig_hash" in r and r["sig_hash"] != m.signature.hash:
+                    raise UserError("sig_hash does not match the signature")
+                m.check()
+            except UserError as e:
+                raise UserError(f"{path}: record {i}: {e}; nothing was imported") from None
+            measurements.append(m)
+        return self.add(measurements)

@@ -1,0 +1,110 @@
+"""Is the table's prediction right? Predicted vs measured whole networks, and calibration."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import stats
+
+from search_spaces import Architecture, SearchSpace
+
+from .predict import Predictor
+from .profile import progress_bar
+
+
+@dataclass
+class ValidationReport:
+    space: str
+    device: str
+    archs: list[str]  # architecture hashes
+    predicted_ms: list[float]
+    measured_ms: list[float]
+    mape: float  # mean absolute percentage error, %
+    within_5: float  # share of architectures predicted within ±5%
+    within_10: float
+    kendall_tau: float
+    calibration: dict = field(default_factory=dict)  # least-squares fit measured ~ predicted
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def accuracy(predicted, measured) -> dict[str, float]:
+    p, m = np.asarray(predicted, float), np.asarray(measured, float)
+    err = np.abs(p - m) / m
+    tau = stats.kendalltau(p, m).statistic if len(p) > 1 else float("nan")
+    return {
+        "mape": float(100 * err.mean()),
+        "within_5": float((err <= 0.05).mean()),
+        "within_10": float((err <= 0.10).mean()),
+        "kendall_tau": float(tau),
+    }
+
+
+def validate(
+    space: SearchSpace,
+    predictor: Predictor,
+    measure: Callable[[Architecture], float],
+    samples: int,
+    seed: int = 0,
+    include_original: bool = True,
+    progress: bool = True,
+) -> ValidationReport:
+    """Predict and measure `samples` random legal architectures (and the original)."""
+    archs = [space.original()] if include_original else []
+    seeds = iter(range(seed, seed + 100 * samples))
+    while len(archs) < samples + include_original:
+        arch = space.random(next(seeds))
+        if arch not in archs:
+            archs.append(arch)
+    predicted, measured = [], []
+    with progress_bar() as bar:
+        task = bar.add_task(f"measuring {space.name} networks", total=len(archs), visible=progress)
+        for arch in archs:
+            predicted.append(predictor.predict(arch).raw_ms)
+            measured.append(measure(arch))
+            bar.advance(task)
+    fit = stats.linregress(predicted, measured)
+    calibrated = [fit.slope * p + fit.intercept for p in predicted]
+    return ValidationReport(
+        space=space.name,
+        device=predictor.device,
+        archs=[a.hash for a in archs],
+        predicted_ms=predicted,
+        measured_ms=measured,
+        **accuracy(predicted, measured),
+        calibration={
+            "slope": float(fit.slope),
+            "intercept": float(fit.intercept),
+            "mape_after": accuracy(calibrated, measured)["mape"],
+        },
+    )
+
+
+def scatter_plot(report: ValidationReport, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 5), dpi=120)
+    p, m = np.array(report.predicted_ms), np.array(report.measured_ms)
+    lo, hi = min(p.min(), m.min()) * 0.95, max(p.max(), m.max()) * 1.05
+    ax.fill_between([lo, hi], [lo * 0.9, hi * 0.9], [lo * 1.1, hi * 1.1], color="0.9", label="±10%")
+    ax.plot([lo, hi], [lo, hi], color="0.5", lw=1)
+    ax.scatter(p, m, s=18, color="C0", label="random architectures", zorder=3)
+    ax.scatter(p[:1], m[:1], s=40, color="C3", marker="*", label="original", zorder=4)
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(lo, hi)
+    ax.set_xlabel("predicted from the table (ms)")
+    ax.set_ylabel("measured whole network (ms)")
+    ax.set_title(
+        f"{report.space} on {report.device}: MAPE {report.mape:.1f}%, τ {report.kendall_tau:.2f}",
+        fontsize=10,
+    )
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
