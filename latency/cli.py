@@ -235,3 +235,68 @@ def signatures_cmd(
             sig.hash, sig.describe(), ", ".join(names[:3]) + (" ..." if len(names) > 3 else "")
         )
     console.print(t)
+
+
+def register_validate(measure_factory) -> None:
+    """Add `latency validate`; the nas side supplies how whole networks are timed
+    (`measure_factory(space, backend) -> callable(arch) -> ms`), keeping latency free of nas."""
+
+    @app.command("validate")
+    def validate_cmd(
+        space: str = typer.Argument(..., help="Space name or YAML file."),
+        device: str = typer.Option(..., "--device"),
+        samples: int = typer.Option(20, "--samples", help="Random architectures to measure."),
+        db: Path = typer.Option(None, "--db", help=DB_HELP),
+        repeats: int = typer.Option(5, "--repeats", help="Timed runs per network."),
+        threads: int = typer.Option(None, "--threads"),
+        seed: int = typer.Option(0, "--seed"),
+        out: Path = typer.Option(
+            Path("latency_validation"),
+            "--out",
+            help="Folder for the JSON report and the scatter PNG.",
+        ),
+        calibrate: bool = typer.Option(
+            False, "--calibrate", help="Store the fitted calibration with the table."
+        ),
+        as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    ) -> None:
+        """Predicted vs measured whole networks: MAPE, ±5%/±10% shares, Kendall τ."""
+        from .validate import scatter_plot, validate
+
+        if samples < 2:
+            raise typer.BadParameter("need at least 2 samples", param_hint="--samples")
+        sp = load_space(space)
+        with open_table(db) as table:
+            predictor = Predictor(sp, table, device, calibrate=False)
+            s = predictor.setting
+            backend = get_backend(
+                s["backend"],
+                compute_unit=s["compute_unit"],
+                precision=s["precision"],
+                repeats=repeats,
+                threads=threads,
+            )
+            report = validate(sp, predictor, measure_factory(sp, backend), samples, seed=seed)
+            if calibrate:
+                c = report.calibration
+                table.add_calibration(
+                    device,
+                    sp.name,
+                    c["slope"],
+                    c["intercept"],
+                    len(report.archs),
+                    report.mape,
+                    c["mape_after"],
+                )
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{sp.name}-{device}.json").write_text(json.dumps(report.to_dict(), indent=2))
+        scatter_plot(report, out / f"{sp.name}-{device}.png")
+        if as_json:
+            console.print_json(json.dumps(report.to_dict()))
+        else:
+            console.print(
+                f"{sp.name} on {device}: MAPE {report.mape:.2f}%, within ±5% "
+                f"{100 * report.within_5:.0f}%, within ±10% {100 * report.within_10:.0f}%, "
+                f"Kendall τ {report.kendall_tau:.3f} ({len(report.archs)} networks)\n"
+                f"calibrated MAPE {report.calibration['mape_after']:.2f}%; wrote {out}/"
+            )

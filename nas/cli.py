@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 
 from latency.cli import app as latency_app
+from latency.cli import register_validate
 from search_spaces.cli import app as space_app
 from search_spaces.errors import UserError
 
@@ -24,6 +25,15 @@ app = typer.Typer(
 )
 app.add_typer(space_app, name="space")
 app.add_typer(latency_app, name="latency")
+
+
+def _network_timer(space, backend):
+    from .measure import NetworkTimer
+
+    return NetworkTimer(space, backend)
+
+
+register_validate(_network_timer)
 
 
 @app.callback()

@@ -1,0 +1,628 @@
+"""Robust training of an ElasticUNet (paper Eq. 5): a standard latent-diffusion training loop
+in which the supernet skips each removable block at random in every step.
+
+The loop is the one Stable Diffusion is trained with: a DDPM noise schedule, noise added at a
+random timestep, an epsilon (or v) target, MSE loss, AdamW, gradient clipping, optional EMA
+and mixed precision, and classifier-free-guidance dropout of the text condition. The skipping
+itself happens inside `ElasticUNet.forward` (its `skip_generator`); this loop only counts it.
+
+Everything random is drawn from a seeded stream, so a run is a function of its config:
+the data order is a permutation per epoch (a pure function of the seed and the step), noise
+and timesteps come from their own generator, CFG dropout from another, skips from the model's.
+A checkpoint saves all of them, so a resumed run ends with the same weights and losses as an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import default_collate as _collate
+from tqdm.auto import tqdm
+
+from search_spaces import UserError
+
+from .supernet import ElasticUNet
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoint"  # out_dir/checkpoint/: the latest checkpoint only
+EMA_DIR = "ema"  # out_dir/ema/: the model with its EMA weights, written at the end
+STATE_NAME = "state.pt"  # optimizer, EMA, RNG states, step, losses (next to model/)
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000  # optimizer steps in total (a resumed run continues up to this)
+    batch_size: int = 32  # samples per step; the last incomplete batch of an epoch is dropped
+    lr: float = 1e-4  # AdamW learning rate (constant)
+    weight_decay: float = 1e-2  # AdamW decoupled weight decay
+    grad_clip: float | None = 1.0  # max global gradient norm; None or 0 = no clipping
+    prediction_type: str = "epsilon"  # what the UNet predicts: "epsilon" or "v_prediction"
+    num_train_timesteps: int = 1000  # DDPM timesteps, as Stable Diffusion
+    beta_schedule: str = "scaled_linear"  # DDPM beta schedule; SD uses "scaled_linear"
+    beta_start: float = 0.00085  # first beta (SD's value)
+    beta_end: float = 0.012  # last beta (SD's value)
+    ema_decay: float | None = None  # EMA of the weights with this decay; None = no EMA
+    mixed_precision: str = "no"  # "no", "fp16" (with a GradScaler) or "bf16"; CUDA only
+    cfg_dropout: float = 0.1  # probability a sample's text condition becomes the unconditional
+    checkpoint_every: int = 500  # write out_dir/checkpoint/ every this many steps; 0 = at end
+    seed: int = 0  # determines data order, noise, timesteps, CFG dropout and block skips
+    device: str = "cpu"  # torch device to train on ("cpu", "cuda", "cuda:1", ...)
+    num_workers: int = 0  # DataLoader worker processes for a map-style dataset
+
+    def check(self) -> None:
+        """Raise a UserError naming the first bad field and what it may be."""
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise UserError(
+                f"unknown prediction_type {self.prediction_type!r}; use one of "
+                f"{', '.join(map(repr, PREDICTION_TYPES))}"
+            )
+        if self.beta_schedule not in BETA_SCHEDULES:
+            raise UserError(
+                f"unknown beta_schedule {self.beta_schedule!r}; use one of "
+                f"{', '.join(map(repr, BETA_SCHEDULES))}"
+            )
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise UserError(
+                f"unknown mixed_precision {self.mixed_precision!r}; use one of "
+                f"{', '.join(map(repr, MIXED_PRECISION))}"
+            )
+        positive = {"steps": self.steps, "batch_size": self.batch_size, "lr": self.lr}
+        positive["num_train_timesteps"] = self.num_train_timesteps
+        for name, value in positive.items():
+            if not value > 0:
+                raise UserError(f"{name}={value} must be positive")
+        for name, value in [
+            ("weight_decay", self.weight_decay),
+            ("checkpoint_every", self.checkpoint_every),
+            ("num_workers", self.num_workers),
+            ("grad_clip", self.grad_clip or 0),
+        ]:
+            if value < 0:
+                raise UserError(f"{name}={value} must not be negative")
+        if not 0.0 <= self.cfg_dropout <= 1.0:
+            raise UserError(f"cfg_dropout={self.cfg_dropout} must be a probability in [0, 1]")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise UserError(
+                f"ema_decay={self.ema_decay} must be in (0, 1) (e.g. 0.9999), or None for no EMA"
+            )
+
+
+@dataclass
+class TrainResult:
+    losses: list[float]  # loss of every step from step 0 (a resumed run includes the earlier)
+    steps: int  # steps done in total
+    skip_counts: dict[tuple[str, int], int]  # (slot, instance) -> steps in which it was skipped
+    seconds: float  # wall time of this call
+    checkpoint: Path | None = None  # the checkpoint folder written last, if any
+    ema: Any = None  # the EMAModel when config.ema_decay is set (ema.copy_to(model.parameters()))
+    config: TrainConfig = field(default_factory=TrainConfig)
+
+
+# -- the text/image encoder for real (Stable Diffusion) data ----------------------------------
+
+
+class LatentEncoder:
+    """Turns (images, captions) into (latents, text contexts) as Stable Diffusion does.
+
+    Holds the pipeline's VAE and CLIP text encoder, loaded from a local pipeline folder
+    (`vae/`, `text_encoder/`, `tokenizer/`); nothing is downloaded. Images are (B, 3, H, W)
+    in [-1, 1]; captions a list of strings (a tensor of contexts passes through unchanged).
+    """
+
+    def __init__(self, vae, text_encoder, tokenizer, max_length: int | None = None):
+        self.vae = vae.eval().requires_grad_(False)
+        self.text_encoder = text_encoder.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        # the tokenizer's own limit may be unset (a huge sentinel): the encoder's positions cap it
+        positions = text_encoder.config.max_position_embeddings
+        self.max_length = max_length or min(tokenizer.model_max_length, positions)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, dtype: torch.dtype = torch.float32):
+        """Load from a local diffusers pipeline folder (the one holding vae/, text_encoder/,
+        tokenizer/); raises a UserError naming what is missing."""
+        from diffusers import AutoencoderKL
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        folder = Path(folder).expanduser()
+        missing = [s for s in ("vae", "text_encoder", "tokenizer") if not (folder / s).is_dir()]
+        if missing:
+            raise UserError(
+                f"{folder} is not a Stable Diffusion pipeline folder: it has no "
+                f"{', '.join(s + '/' for s in missing)}; give the folder that holds vae/, "
+                "text_encoder/ and tokenizer/ (e.g. a local copy of stable-diffusion-v1-5)"
+            )
+        try:
+            vae = AutoencoderKL.from_pretrained(
+                folder, subfolder="vae", local_files_only=True, torch_dtype=dtype
+            )
+            text_encoder = CLIPTextModel.from_pretrained(
+                folder, subfolder="text_encoder", local_files_only=True
+            )
+            tokenizer = CLIPTokenizer.from_pretrained(
+                folder, subfolder="tokenizer", local_files_only=True
+            )
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot load the VAE / text encoder in {folder}: {e}") from None
+        return cls(vae, text_encoder.to(dtype), tokenizer)
+
+    def to(self, device: str | torch.device) -> LatentEncoder:
+        self.vae.to(device)
+        self.text_encoder.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.vae.parameters()).device
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        if images.numel() and (images.min() < -1.001 or images.max() > 1.001):
+            raise UserError(
+                f"images must be scaled to [-1, 1] (got values in [{images.min():.3g}, "
+                f"{images.max():.3g}]); map [0, 1] images with x * 2 - 1"
+            )
+        vae = self.vae
+        images = images.to(self.device, next(vae.parameters()).dtype)
+        latents = vae.encode(images).latent_dist.sample()
+        shift = getattr(vae.config, "shift_factor", None) or 0.0  # SD-1/2 VAEs have none
+        return (latents - shift) * vae.config.scaling_factor
+
+    @torch.no_grad()
+    def encode_text(self, captions: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(
+            list(captions),
+            padding="max_length",
+            max_length=self.max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        return self.text_encoder(ids.to(self.device)).last_hidden_state
+
+    def unconditional(self) -> torch.Tensor:
+        """The empty caption's context (tokens, dim): SD's unconditional condition for CFG."""
+        return self.encode_text([""])[0]
+
+    def __call__(self, images: torch.Tensor, captions) -> tuple[torch.Tensor, torch.Tensor]:
+        context = captions if torch.is_tensor(captions) else self.encode_text(captions)
+        return self.encode_images(images), context
+
+
+# -- data --------------------------------------------------------------------------------------
+
+
+def _seed(seed: int, stream: int) -> int:
+    """An independent 63-bit seed for one random stream of a run (SeedSequence mixes well)."""
+    return int(np.random.SeedSequence([seed, stream]).generate_state(1, np.uint64)[0] >> 1)
+
+
+# the random streams of a run
+DATA, CFG, NOISE, SKIP = range(4)
+
+
+class _StepBatches:
+    """Indices of the batches of steps [start, stop): each epoch is a seeded permutation.
+
+    The batch of a step depends only on (seed, step), so resuming needs no sampler state, and
+    DataLoader workers prefetching ahead cannot shift it.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, start: int, stop: int):
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.start, self.stop = start, stop
+        self.per_epoch = n // batch_size
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __iter__(self) -> Iterator[list[int]]:
+        epoch, perm = None, None
+        for step in range(self.start, self.stop):
+            e, k = divmod(step, self.per_epoch)
+            if e != epoch:
+                g = torch.Generator().manual_seed(_seed(self.seed, e))
+                epoch, perm = e, torch.randperm(self.n, generator=g).tolist()
+            yield perm[k * self.batch_size : (k + 1) * self.batch_size]
+
+
+def _batches(data, config: TrainConfig, start: int) -> Iterable:
+    """Collated batches for steps start..config.steps-1."""
+    map_style = hasattr(data, "__len__") and hasattr(data, "__getitem__")
+    if map_style and not isinstance(data, IterableDataset):
+        if len(data) < config.batch_size:
+            raise UserError(
+                f"the dataset has {len(data)} samples, fewer than batch_size="
+                f"{config.batch_size}; lower batch_size or give more data"
+            )
+        sampler = _StepBatches(len(data), config.batch_size, config.seed, start, config.steps)
+        return DataLoader(
+            data, batch_sampler=sampler, num_workers=config.num_workers, collate_fn=_collate
+        )
+    if config.num_workers:
+        log.warning("num_workers is ignored for an iterable dataset: it is read in-process")
+    return _iterable_batches(data, config.batch_size, start, config.steps)
+
+
+def _iterable_batches(data, batch_size: int, start: int, stop: int) -> Iterator:
+    """Batches of an iterable, restarted when it ends. A resumed run skips the items already
+    used, so it is reproducible when iterating `data` is."""
+
+    def items():
+        total = 0
+        while True:
+            n = 0
+            for item in data:
+                n += 1
+                yield item
+            if n == 0:
+                raise UserError(
+                    f"the data ran out after {total} items; pass a torch Dataset or an "
+                    "iterable that can be iterated again (not a one-shot generator)"
+                )
+            total += n
+
+    it = items()
+    for _ in islice(it, start * batch_size):
+        pass
+    for _ in range(start, stop):
+        yield _collate([next(it) for _ in range(batch_size)])
+
+
+def _check_batch(model: ElasticUNet, x: torch.Tensor, cond: torch.Tensor, encoded: bool) -> None:
+    """Clear errors for data that does not fit the UNet (an image instead of a latent, ...)."""
+    config = model.unet.config
+    latent = (config.in_channels, *model.space.latent[1:])
+    hint = (
+        "check the encoder's output"
+        if encoded
+        else "give latents, or pass encode=LatentEncoder.from_pretrained(folder) to encode images"
+    )
+    if not torch.is_tensor(x) or x.ndim != 4 or x.shape[1] != config.in_channels:
+        shape = tuple(x.shape[1:]) if torch.is_tensor(x) else type(x).__name__
+        raise UserError(
+            f"the data gives x of shape {shape}, but the UNet takes latents of "
+            f"{config.in_channels} channels (the space's latent is {latent}); {hint}"
+        )
+    dim = config.cross_attention_dim
+    if not torch.is_tensor(cond) or cond.ndim != 3 or cond.shape[-1] != dim:
+        shape = tuple(cond.shape[1:]) if torch.is_tensor(cond) else type(cond).__name__
+        raise UserError(
+            f"the data gives a condition of shape {shape}, but the UNet takes a text context "
+            f"(tokens, {dim}); {hint}"
+        )
+
+
+# -- the loop ----------------------------------------------------------------------------------
+
+
+def _device(config: TrainConfig) -> torch.device:
+    try:
+        device = torch.device(config.device)
+    except RuntimeError as e:
+        raise UserError(f"device {config.device!r} is not a torch device: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {config.device!r} asked for, but CUDA is not available")
+    if config.mixed_precision == "fp16" and device.type != "cuda":
+        raise UserError(
+            f"mixed_precision='fp16' needs a CUDA device, but device is {config.device!r}; "
+            "use mixed_precision='no' here (or train with device='cuda')"
+        )
+    if config.mixed_precision == "bf16" and device.type != "cuda":
+        log.warning("mixed_precision='bf16' is only used on CUDA; training in float32")
+    return device
+
+
+def _make_ema(model: ElasticUNet, decay: float):
+    from diffusers.training_utils import EMAModel
+
+    return EMAModel(model.parameters(), decay=decay, foreach=True)
+
+
+def train(
+    model: ElasticUNet,
+    data,
+    config: TrainConfig | None = None,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    encode: Callable[[Any, Any], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    progress: bool = True,
+    uncond: torch.Tensor | None = None,
+) -> TrainResult:
+    """Train `model` robustly on `data` (items (latent, context), or raw items for `encode`).
+
+    `out_dir` receives `checkpoint/` (every `checkpoint_every` steps and at the end) and, with
+    EMA, `ema/` (the model with its EMA weights). `resume=True` continues from
+    `out_dir/checkpoint/` up to `config.steps`. `uncond` is the unconditional context for CFG
+    dropout; default: `encode.unconditional()` if the encoder has one, else zeros.
+    """
+    config = config or TrainConfig()
+    config.check()
+    device = _device(config)
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir) if out_dir is not None else None
+    ckpt_dir = out_dir / CHECKPOINT_DIR if out_dir is not None else None
+    if resume and (ckpt_dir is None or not (ckpt_dir / STATE_NAME).is_file()):
+        raise UserError(
+            f"resume=True, but there is no checkpoint to resume from "
+            f"({ckpt_dir / STATE_NAME if ckpt_dir else 'no out_dir given'}); "
+            "run once without resume, or pass the out_dir of an earlier run"
+        )
+
+    state = _load_checkpoint(model, ckpt_dir, config) if resume else None
+    model.to(device)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+    )
+    fp16 = config.mixed_precision == "fp16"
+    scaler = torch.amp.GradScaler("cuda", enabled=fp16)
+    ema = _make_ema(model, config.ema_decay) if config.ema_decay else None
+    cfg_gen = torch.Generator().manual_seed(_seed(config.seed, CFG))
+    noise_gen = torch.Generator().manual_seed(_seed(config.seed, NOISE))
+    losses: list[float] = []
+    skips: Counter[tuple[str, int]] = Counter()
+    start = 0
+    if state is None:
+        torch.manual_seed(config.seed)  # any randomness inside the model (dropout) is seeded too
+        model.skip_generator.manual_seed(_seed(config.seed, SKIP))
+    else:
+        start, losses = state["step"], list(state["losses"])
+        skips.update({(s, i): n for s, i, n in state["skip_counts"]})
+        optimizer.load_state_dict(state["optimizer"])
+        for group in optimizer.param_groups:  # this run's lr / decay win over the saved ones
+            group.update(lr=config.lr, weight_decay=config.weight_decay)
+        if fp16 and state["scaler"] is not None:
+            scaler.load_state_dict(state["scaler"])
+        if ema is not None:
+            if state["ema"] is None:
+                raise UserError(
+                    f"ema_decay={config.ema_decay}, but the checkpoint in {ckpt_dir} was "
+                    "trained without EMA; resume with ema_decay=None or start a new run"
+                )
+            ema.load_state_dict(state["ema"])
+            ema.decay = config.ema_decay
+            ema.to(device)
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        cfg_gen.set_state(rng["cfg"])
+        noise_gen.set_state(rng["noise"])
+        model.skip_generator.set_state(rng["skip"])
+
+    if hasattr(encode, "to"):
+        encode.to(device)
+    if uncond is None and hasattr(encode, "unconditional"):
+        uncond = encode.unconditional()
+    scheduler = DDPMScheduler(
+        num_train_timesteps=config.num_train_timesteps,
+        beta_schedule=config.beta_schedule,
+        beta_start=config.beta_start,
+        beta_end=config.beta_end,
+        prediction_type=config.prediction_type,
+    )
+    autocast = torch.autocast(
+        device_type=device.type,
+        dtype=torch.float16 if fp16 else torch.bfloat16,
+        enabled=device.type == "cuda" and config.mixed_precision != "no",
+    )
+
+    def save(step: int) -> Path:
+        return _save_checkpoint(
+            ckpt_dir,
+            model,
+            config,
+            step=step,
+            losses=losses,
+            skips=skips,
+            optimizer=optimizer,
+            scaler=scaler if fp16 else None,
+            ema=ema,
+            rng={"cfg": cfg_gen.get_state(), "noise": noise_gen.get_state()},
+        )
+
+    was_training = model.training
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    checkpoint = ckpt_dir if resume else None
+    saved_at = start if resume else None  # the step the checkpoint on disk holds
+    bar = tqdm(
+        total=config.steps, initial=start, disable=not progress, desc="robust training", unit="step"
+    )
+    step = start
+    try:
+        for step, (x, cond) in enumerate(_batches(data, config, start), start + 1):
+            if encode is not None:
+                x, cond = encode(x, cond)
+            _check_batch(model, x, cond, encode is not None)
+            x = x.to(device, torch.float32)
+            cond = cond.to(device, torch.float32)
+            cond = _cfg_dropout(cond, uncond, config.cfg_dropout, cfg_gen)
+
+            # drawn on the CPU from a seeded generator: the same run on any device
+            noise = torch.randn(x.shape, generator=noise_gen).to(device)
+            t = torch.randint(0, config.num_train_timesteps, (x.shape[0],), generator=noise_gen)
+            t = t.to(device)
+            noisy = scheduler.add_noise(x, noise, t)
+            target = (
+                noise
+                if config.prediction_type == "epsilon"
+                else scheduler.get_velocity(x, noise, t)
+            )
+            with autocast:
+                pred = model(noisy, t, encoder_hidden_states=cond).sample
+            loss = F.mse_loss(pred.float(), target.float())
+
+            optimizer.zero_grad(set_to_none=True)  # skipped blocks get no grad, no update
+            scaler.scale(loss).backward()
+            if config.grad_clip:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            if ema is not None:
+                ema.step(model.parameters())
+
+            losses.append(loss.item())
+            skips.update(model.last_skipped)
+            bar.set_postfix(
+                loss=f"{losses[-1]:.4f}", skipped=len(model.last_skipped), refresh=False
+            )
+            bar.update(1)
+            every = config.checkpoint_every
+            if ckpt_dir is not None and every and step % every == 0:
+                checkpoint, saved_at = save(step), step
+        if ckpt_dir is not None and saved_at != step:
+            checkpoint = save(step)
+        if ema is not None and out_dir is not None:
+            _save_ema(model, ema, out_dir / EMA_DIR)
+    finally:
+        bar.close()
+        model.train(was_training)
+
+    return TrainResult(
+        losses=losses,
+        steps=max(step, start),
+        skip_counts=dict(sorted(skips.items())),
+        seconds=time.perf_counter() - t0,
+        checkpoint=checkpoint,
+        ema=ema,
+        config=config,
+    )
+
+
+def _cfg_dropout(
+    cond: torch.Tensor, uncond: torch.Tensor | None, p: float, generator: torch.Generator
+) -> torch.Tensor:
+    """Replace each sample's condition by the unconditional one with probability p.
+
+    The draw is made even when p is 0 or 1, so the stream advances the same in every run.
+    """
+    drop = (torch.rand(cond.shape[0], generator=generator) < p).to(cond.device)
+    if uncond is None:
+        uncond = torch.zeros_like(cond[0])
+    uncond = uncond.to(cond.device, cond.dtype)
+    if uncond.ndim == 3 and uncond.shape[0] == 1:
+        uncond = uncond[0]
+    if tuple(uncond.shape) != tuple(cond.shape[1:]):
+        raise UserError(
+            f"the unconditional context has shape {tuple(uncond.shape)}, but the conditions "
+            f"are {tuple(cond.shape[1:])}; give uncond as one (tokens, dim) context"
+        )
+    return torch.where(drop[:, None, None], uncond, cond)
+
+
+# -- checkpoints -------------------------------------------------------------------------------
+
+
+def _save_checkpoint(
+    folder: Path,
+    model: ElasticUNet,
+    config: TrainConfig,
+    *,
+    step: int,
+    losses: list[float],
+    skips: Counter,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    ema,
+    rng: dict[str, torch.Tensor],
+) -> Path:
+    """Write the checkpoint next to the old one, then swap: a crash never leaves a torn one."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp / "model")
+    state = {
+        "format": 1,
+        "step": step,
+        "losses": list(losses),
+        "skip_counts": [[s, i, n] for (s, i), n in sorted(skips.items())],
+        "config": asdict(config),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "ema": ema.state_dict() if ema is not None else None,
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "skip": model.skip_generator.get_state(),
+            # the data order is a function of (seed, step): this is all of its state
+            "data": {"seed": config.seed, "step": step},
+            **rng,
+        },
+    }
+    torch.save(state, tmp / STATE_NAME)
+    old = folder.with_name(folder.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+# fields whose change makes a resumed run differ from an uninterrupted one
+_RUN_FIELDS = (
+    "batch_size",
+    "seed",
+    "prediction_type",
+    "num_train_timesteps",
+    "beta_schedule",
+    "beta_start",
+    "beta_end",
+    "cfg_dropout",
+)
+
+
+def _load_checkpoint(model: ElasticUNet, folder: Path, config: TrainConfig) -> dict:
+    """Load the checkpoint's weights into `model` (same parameters, in the same order, as the
+    optimizer state expects) and return the rest of the state."""
+    state = torch.load(folder / STATE_NAME, map_location="cpu", weights_only=True)
+    changed = [
+        f"{k}: {state['config'].get(k)!r} -> {getattr(config, k)!r}"
+        for k in _RUN_FIELDS
+        if state["config"].get(k) != getattr(config, k)
+    ]
+    if changed:
+        log.warning("resuming with a changed config (%s)", "; ".join(changed))
+    saved = ElasticUNet.from_pretrained(folder / "model")
+    model.set_architecture(saved.architecture)
+    ours, theirs = model.state_dict(), saved.state_dict()
+    if ours.keys() != theirs.keys():
+        diff = sorted(set(ours) ^ set(theirs))
+        raise UserError(
+            f"the checkpoint in {folder} holds other parameters than the model given "
+            f"(e.g. {', '.join(diff[:3])}); resume with the model of that run, e.g. "
+            f"ElasticUNet.from_pretrained('{folder / 'model'}')"
+        )
+    model.load_state_dict(theirs)
+    return state
+
+
+def _save_ema(model: ElasticUNet, ema, folder: Path) -> None:
+    """Save the model with its EMA weights, leaving the trained weights in `model`."""
+    ema.store(model.parameters())
+    ema.copy_to(model.parameters())
+    try:
+        model.save_pretrained(folder)
+    finally:
+        ema.restore(model.parameters())
+
+
+__all__ = ["LatentEncoder", "TrainConfig", "TrainResult", "train"]
