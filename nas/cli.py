@@ -9,9 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 
-import click
 import typer
-from rich.console import Console
 
 from latency.cli import app as latency_app
 from latency.cli import register_validate
@@ -46,21 +44,15 @@ def _root(
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    err = Console(stderr=True)
     try:
-        app(args=argv, prog_name="diffnas", standalone_mode=False)
+        # standalone mode: typer/click print usage errors themselves and exit with code 2
+        app(args=argv, prog_name="diffnas")
     except UserError as e:
         if "--debug" in argv:
             raise
-        err.print(f"[red]error:[/red] {e}", highlight=False, markup=True)
+        # plain text: a message may hold brackets or long paths that must not be reformatted
+        sys.stderr.write(f"error: {e}\n")
         sys.exit(2)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
-    except click.exceptions.Abort:
-        sys.exit(130)
 
 
 if __name__ == "__main__":

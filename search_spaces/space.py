@@ -67,7 +67,10 @@ class SearchSpace:
         self.description = spec.description
         self.pretrained: Path | None = None
         if spec.base.builtin is not None:
-            self.unet_config = builtin_unet_config(spec.base.builtin)
+            try:
+                self.unet_config = builtin_unet_config(spec.base.builtin)
+            except SpaceError as e:
+                raise SpaceError(f"{spec.where('base', 'builtin')}: {e}") from None
         elif spec.base.config is not None:
             self.unet_config = dict(spec.base.config)
         else:
@@ -294,6 +297,22 @@ class SearchSpace:
             f"no legal architecture found in {max_tries} random draws of space {self.name!r}; "
             "its constraints may be too tight for p_change={p_change}"
         )
+
+    def with_inputs(self, latent=None, context=None, batch=None) -> SearchSpace:
+        """The same space at other input shapes (e.g. a 32x32 latent to profile faster)."""
+        inputs = self.spec.inputs.model_copy(
+            update={
+                k: tuple(v) if isinstance(v, list | tuple) else v
+                for k, v in {"latent": latent, "context": context, "batch": batch}.items()
+                if v is not None
+            }
+        )
+        spec = self.spec.model_copy(update={"inputs": inputs})
+        if self.pretrained is not None:  # resolved already: keep the absolute folder
+            spec = spec.model_copy(
+                update={"base": spec.base.model_copy(update={"pretrained": str(self.pretrained)})}
+            )
+        return SearchSpace(spec)
 
     # -- loading ---------------------------------------------------------------------------
 

@@ -102,7 +102,7 @@ class SpaceSpec(_Strict):
 def _line_index(node: yaml.Node, path: tuple = (), out: dict | None = None) -> dict[tuple, int]:
     """Map each field path (as pydantic's `loc`) to its 1-based line in the file."""
     out = {} if out is None else out
-    out[path] = node.start_mark.line + 1
+    out.setdefault(path, node.start_mark.line + 1)  # a key's own line wins over its value's
     if isinstance(node, yaml.MappingNode):
         for key, value in node.value:
             k = key.value

@@ -1,0 +1,139 @@
+"""Latency accuracy: does the lookup table predict whole networks?
+
+For each space (sd15 at a 32x32 latent, batch 2; and tiny), on this machine's CPU: measure
+every block signature into a fresh table, then time >= 20 random legal architectures (and
+the original) as whole networks and compare with the table's prediction. Block timings and
+network timings are taken in the same run, on the same threads.
+
+Targets: MAPE <= 5%, >= 90% of networks within ±10%, Kendall τ >= 0.9.
+Writes experiments/benchmarks/results/latency_accuracy.json and a scatter PNG per space;
+the last line printed is `latency_mape_sd15: X`.
+
+    python experiments/benchmarks/latency_accuracy.py            # full (about 10 min, 2 cores)
+    python experiments/benchmarks/latency_accuracy.py --quick    # tiny only, few networks
+    python experiments/benchmarks/latency_accuracy.py --build-64 # also time the full sd15
+                                                                 # table at 64x64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from latency.backends import get_backend
+from latency.predict import Predictor
+from latency.profile import build_table
+from latency.table import LatencyTable
+from latency.validate import scatter_plot, validate
+from nas.measure import NetworkTimer
+from search_spaces import load_space
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def run_space(space, device_name, args, db):
+    block_backend = get_backend(
+        "torch",
+        compute_unit="cpu",
+        repeats=args.block_repeats,
+        warmup=args.warmup,
+        threads=args.threads,
+    )
+    net_backend = get_backend(
+        "torch",
+        compute_unit="cpu",
+        repeats=args.net_repeats,
+        warmup=args.warmup,
+        threads=args.threads,
+    )
+    with LatencyTable(db) as table:
+        built = build_table(space, table, block_backend, device_name)
+        predictor = Predictor(space, table, device_name, calibrate=False)
+    report = validate(
+        space, predictor, NetworkTimer(space, net_backend), args.samples, seed=args.seed
+    )
+    scatter_plot(report, RESULTS / f"latency_accuracy_{space.name}.png")
+    out = report.to_dict()
+    out["table_build_seconds"] = built.seconds
+    out["blocks"] = len(built.measured)
+    out["latent"] = list(space.latent)
+    out["batch"] = space.batch
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--samples", type=int, default=20, help="random architectures per space")
+    ap.add_argument("--block-repeats", type=int, default=10)
+    ap.add_argument("--net-repeats", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="tiny only, 6 networks")
+    ap.add_argument(
+        "--build-64", action="store_true", help="also time building the full sd15 table at 64x64"
+    )
+    args = ap.parse_args()
+    if args.quick:
+        args.samples = 6
+    RESULTS.mkdir(parents=True, exist_ok=True)
+
+    spaces = [load_space("tiny")]
+    if not args.quick:
+        spaces.insert(0, load_space("sd15").with_inputs(latent=(4, 32, 32), batch=2))
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for space in spaces:
+            print(f"== {space.name}: latent {space.latent}, batch {space.batch}", flush=True)
+            results[space.name] = run_space(space, "bench-cpu", args, Path(tmp) / "t.db")
+        if args.build_64:
+            backend = get_backend(
+                "torch",
+                compute_unit="cpu",
+                repeats=args.block_repeats,
+                warmup=args.warmup,
+                threads=args.threads,
+            )
+            with LatencyTable(Path(tmp) / "t64.db") as table:
+                built = build_table(load_space("sd15"), table, backend, "bench-cpu-64")
+            results["sd15_64x64_table_build_seconds"] = built.seconds
+            results["sd15_64x64_table_blocks"] = len(built.measured)
+
+    summary = {
+        "benchmark": "latency_accuracy",
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        },
+        "targets": {"mape": 5.0, "within_10": 0.9, "kendall_tau": 0.9},
+        "results": results,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    name = "latency_accuracy_quick.json" if args.quick else "latency_accuracy.json"
+    (RESULTS / name).write_text(json.dumps(summary, indent=2) + "\n")
+    print(
+        f"{'space':8} {'MAPE %':>8} {'±5%':>6} {'±10%':>6} {'τ':>6} {'cal. MAPE':>10}"
+        f" {'build s':>8}"
+    )
+    for key, r in results.items():
+        if isinstance(r, dict):
+            print(
+                f"{key:8} {r['mape']:8.2f} {r['within_5']:6.2f} {r['within_10']:6.2f} "
+                f"{r['kendall_tau']:6.3f} {r['calibration']['mape_after']:10.2f} "
+                f"{r['table_build_seconds']:8.1f}"
+            )
+    if "sd15_64x64_table_build_seconds" in results:
+        print(f"sd15 table at 64x64: {results['sd15_64x64_table_build_seconds']:.0f} s")
+    headline = "sd15" if "sd15" in results else "tiny"
+    print(f"latency_mape_{headline}: {results[headline]['mape']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
