@@ -113,6 +113,16 @@ class ElasticUNet(nn.Module):
         """Slots that have copies (created by some architecture so far)."""
         return [p for p in self.space.slots if _key(p) in self.copies]
 
+    def copy_counts(self) -> dict[str, int]:
+        return {path: len(self.copies[_key(path)]) for path in self.copies_paths()}
+
+    def ensure_copies(self, counts: dict[str, int]) -> None:
+        """Create copies up to `counts` (slot -> copies), e.g. before loading a state dict."""
+        for path, n in counts.items():
+            copies = self._copies_of(path)
+            while len(copies) < n:
+                copies.append(_clone(self.unet.get_submodule(path)))
+
     def _copies_of(self, path: str) -> nn.ModuleList:
         key = _key(path)
         if key not in self.copies:
@@ -173,7 +183,7 @@ class ElasticUNet(nn.Module):
         config = {
             "space": spec,
             "architecture": self._arch.to_dict(),
-            "copies": {path: len(self.copies[_key(path)]) for path in self.copies_paths()},
+            "copies": self.copy_counts(),
             "skip": asdict(self.skip),
         }
         (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
@@ -191,10 +201,7 @@ class ElasticUNet(nn.Module):
         space = SearchSpace(SpaceSpec.model_validate(config["space"]))
         unet = _load_unet(folder)
         model = cls(space, unet, skip=SkipConfig(**config["skip"]))
-        for path, n in config["copies"].items():
-            copies = model._copies_of(path)
-            while len(copies) < n:
-                copies.append(_clone(model.unet.get_submodule(path)))
+        model.ensure_copies(config["copies"])
         model.copies.load_state_dict(load_file(str(folder / COPIES_NAME)))
         model.set_architecture(Architecture.from_dict(config["architecture"], str(config_file)))
         return model
