@@ -48,14 +48,36 @@ def convert(
     description: str = "",
 ) -> Path:
     """Export `module` on `inputs` (their shapes become the model's) and save `.mlpackage`."""
+    check_path(path)
+    check_options(precision, compute_units)
+    exported = torch.export.export(module.eval(), inputs).run_decompositions({})
+    return convert_program(
+        exported, path, precision, compute_units, output_name, metadata, description
+    )
+
+
+def check_path(path: str | Path) -> Path:
     path = Path(path)
     if path.suffix != ".mlpackage":
         raise UserError(f"a Core ML ML program is saved as a .mlpackage folder; got {str(path)!r}")
+    return path
+
+
+def convert_program(
+    exported,
+    path: str | Path,
+    precision: str = "fp32",
+    compute_units: str = "ALL",
+    output_name: str = "output",
+    metadata: dict[str, str] | None = None,
+    description: str = "",
+) -> Path:
+    """Convert a `torch.export` program (decompositions run) and save it as `.mlpackage`."""
+    path = check_path(path)
     check_options(precision, compute_units)
     import coremltools as ct
     import numpy as np
 
-    exported = torch.export.export(module.eval(), inputs).run_decompositions({})
     mlmodel = ct.convert(
         exported,
         convert_to="mlprogram",
