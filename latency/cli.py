@@ -210,10 +210,33 @@ def export_cmd(
 
 @app.command("import")
 def import_cmd(
-    file: Path = typer.Argument(..., help="A JSON or CSV export."),
+    file: Path = typer.Argument(..., help="A JSON or CSV export, or an app's results.json."),
     db: Path = typer.Option(None, "--db", help=DB_HELP),
+    device: str = typer.Option(
+        None, "--device", help="The device of on-device results (required for them)."
+    ),
 ) -> None:
-    """Add the rows of an export to the table (validated first: all or nothing)."""
+    """Add an export's rows, or a phone's bundle results, to the table (all or nothing)."""
+    from .bundle import is_results_file
+
+    if is_results_file(file):
+        from .bundle import import_results
+        from .jobs import JobStore
+
+        if device is None:
+            raise typer.BadParameter("on-device results need --device", param_hint="--device")
+        with JobStore(db or default_db()) as store:
+            r = import_results(store, device, file)
+        console.print(
+            f"imported {len(r.stored)} result(s) for {device}; {len(r.already)} already stored, "
+            f"{len(r.failed)} failed on the device, {len(r.missing)} not in the file"
+        )
+        return
+    if device is not None:
+        raise typer.BadParameter(
+            "--device is for on-device results; a table export names its devices itself",
+            param_hint="--device",
+        )
     with open_table(db) as table:
         n = table.import_file(file)
     console.print(f"imported {n} row(s)")
@@ -259,6 +282,9 @@ def register_validate(measure_factory) -> None:
             False, "--calibrate", help="Store the fitted calibration with the table."
         ),
         as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+        backend: str = typer.Option(None, "--backend", help="Setting of the device to check."),
+        compute_unit: str = typer.Option(None, "--compute-unit"),
+        precision: str = typer.Option(None, "--precision"),
     ) -> None:
         """Predicted vs measured whole networks: MAPE, ±5%/±10% shares, Kendall τ."""
         from .validate import scatter_plot, validate
@@ -267,7 +293,15 @@ def register_validate(measure_factory) -> None:
             raise typer.BadParameter("need at least 2 samples", param_hint="--samples")
         sp = load_space(space)
         with open_table(db) as table:
-            predictor = Predictor(sp, table, device, calibrate=False)
+            predictor = Predictor(
+                sp,
+                table,
+                device,
+                backend=backend,
+                compute_unit=compute_unit,
+                precision=precision,
+                calibrate=False,
+            )
             s = predictor.setting
             backend = get_backend(
                 s["backend"],
@@ -287,6 +321,9 @@ def register_validate(measure_factory) -> None:
                     len(report.archs),
                     report.mape,
                     c["mape_after"],
+                    backend=s["backend"],
+                    compute_unit=s["compute_unit"],
+                    precision=s["precision"],
                 )
         out.mkdir(parents=True, exist_ok=True)
         (out / f"{sp.name}-{device}.json").write_text(json.dumps(report.to_dict(), indent=2))
@@ -300,3 +337,8 @@ def register_validate(measure_factory) -> None:
                 f"Kendall τ {report.kendall_tau:.3f} ({len(report.archs)} networks)\n"
                 f"calibrated MAPE {report.calibration['mape_after']:.2f}%; wrote {out}/"
             )
+
+
+from .service_cli import register as _register_service  # noqa: E402
+
+_register_service(app)

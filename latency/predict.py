@@ -66,7 +66,11 @@ class Predictor:
             raise MissingSignaturesError(missing, space.name, device, str(table.path))
         self.ms = {p.name: found[p.signature.hash].median_ms for p in self.parts}
         self.fixed_ms = sum(self.ms[p.name] for p in self.parts if p.stage == "fixed")
-        self.calibration = table.calibration(device, space.name) if calibrate else None
+        self.calibration = (
+            table.calibration(device, space.name, **_setting_filter(self.setting))
+            if calibrate
+            else None
+        )
 
     def block_ms(self, slot: str) -> float:
         """Latency of one instance of a slot's block."""
@@ -93,6 +97,10 @@ class Predictor:
         step = -1 if kind == "remove" else 1
         scale = self.calibration["slope"] if self.calibration else 1.0
         return step * self.ms[slot] * scale
+
+
+def _setting_filter(setting: dict) -> dict:
+    return {k: setting[k] for k in ("backend", "compute_unit", "precision")}
 
 
 def predict(

@@ -135,6 +135,24 @@ class _Concat(nn.Module):
         return torch.cat([hidden, skip], dim=1)
 
 
+# Each builder's forward takes the signature's input names, in order: Core ML packages take
+# their input names from these arguments, and device apps feed inputs by those names.
+
+
+class _Resnet(nn.Module):
+    def __init__(self, **init):
+        super().__init__()
+        self.block = ResnetBlock2D(**init)
+
+    def forward(self, hidden_states, temb):
+        return self.block(hidden_states, temb)
+
+
+class _ConvIn(nn.Conv2d):
+    def forward(self, sample):
+        return super().forward(sample)
+
+
 class _ConvOut(nn.Sequential):
     def __init__(self, channels: int, out_channels: int, groups: int, eps: float):
         super().__init__(
@@ -142,6 +160,9 @@ class _ConvOut(nn.Sequential):
             nn.SiLU(),
             nn.Conv2d(channels, out_channels, 3, padding=1),
         )
+
+    def forward(self, hidden_states):
+        return super().forward(hidden_states)
 
 
 class _TimeEmbedding(nn.Module):
@@ -168,9 +189,9 @@ class _Attention(nn.Module):
 
 
 _BUILDERS = {
-    "resnet": lambda a: ResnetBlock2D(**a),
+    "resnet": lambda a: _Resnet(**a),
     "cross_attention": lambda a: _Attention(**a),
-    "conv_in": lambda a: nn.Conv2d(
+    "conv_in": lambda a: _ConvIn(
         a["in_channels"], a["out_channels"], a["kernel_size"], padding=a["padding"]
     ),
     "time_embedding": lambda a: _TimeEmbedding(**a),
@@ -217,6 +238,27 @@ class Part:
 
 def unet_parts(space: SearchSpace, dtype: str = "fp32") -> list[Part]:
     """Every slot and fixed part of the space's base UNet, with its signature, in run order."""
+    key = json.dumps(
+        [
+            space.unet_config,
+            space.latent,
+            space.context,
+            space.batch,
+            dtype,
+            {p: s.stage for p, s in space.slots.items()},
+        ],
+        sort_keys=True,
+        default=str,
+    )
+    if key not in _PARTS:  # a meta forward takes seconds; searches ask for the parts often
+        _PARTS[key] = _read_parts(space, dtype)
+    return list(_PARTS[key])
+
+
+_PARTS: dict[str, list[Part]] = {}
+
+
+def _read_parts(space: SearchSpace, dtype: str) -> list[Part]:
     unet = build_unet(space.unet_config, device="meta")
     shapes: dict[str, list[tuple[int, ...]]] = {}
     handles = []

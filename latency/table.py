@@ -15,7 +15,7 @@ import math
 import re
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -23,7 +23,7 @@ from search_spaces import UserError
 
 from .signature import BlockSignature
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DEVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@+-]{0,63}$")
 SOURCES = ("measured", "predicted")
 
@@ -49,6 +49,9 @@ CREATE INDEX IF NOT EXISTS measurements_key
 CREATE TABLE IF NOT EXISTS calibrations (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     device TEXT NOT NULL,
+    backend TEXT NOT NULL,
+    compute_unit TEXT NOT NULL,
+    precision TEXT NOT NULL,
     space TEXT NOT NULL,
     slope REAL NOT NULL,
     intercept REAL NOT NULL,
@@ -119,12 +122,39 @@ class Measurement:
                 if isinstance(d.get(key), str):
                     d[key] = json.loads(d[key])
             m = cls(signature=sig, **d)
+            numbers = [m.median_ms, m.iqr_ms, m.created, *m.samples]
+            if any(isinstance(v, bool) or v is None for v in numbers):
+                raise ValueError("latencies and times must be numbers")
+            m.median_ms, m.iqr_ms = float(m.median_ms), float(m.iqr_ms)
+            m.samples = [float(s) for s in m.samples]
+            m.created = float(m.created)
         except (TypeError, ValueError, KeyError) as e:
             raise UserError(f"not a latency measurement ({e}): {str(d)[:200]}") from None
-        m.median_ms, m.iqr_ms = float(m.median_ms), float(m.iqr_ms)
-        m.samples = [float(s) for s in m.samples]
-        m.created = float(m.created)
         return m
+
+
+_INSERT = (
+    "INSERT INTO measurements (device, backend, compute_unit, precision, sig_hash,"
+    " signature, samples, median_ms, iqr_ms, source, created, versions)"
+    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
+)
+
+
+def _values(m: Measurement) -> tuple:
+    return (
+        m.device,
+        m.backend,
+        m.compute_unit,
+        m.precision,
+        m.signature.hash,
+        m.signature.to_json(),
+        json.dumps(m.samples),
+        m.median_ms,
+        m.iqr_ms,
+        m.source,
+        m.created,
+        json.dumps(m.versions, sort_keys=True),
+    )
 
 
 class LatencyTable:
@@ -138,6 +168,7 @@ class LatencyTable:
         try:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.executescript(_SCHEMA)
+            self._migrate()
             self._db.execute(
                 "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
             )
@@ -148,6 +179,19 @@ class LatencyTable:
                 f"{self.path} is not a diffnas latency table ({e}); give a new file name "
                 "or the path of an existing table"
             ) from None
+
+    def _migrate(self) -> None:
+        """Schema 1 kept calibrations per device only; they now belong to a device setting.
+        Old calibrations keep their rows, with an empty setting that no prediction uses."""
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(calibrations)")}
+        for column in ("backend", "compute_unit", "precision"):
+            if column not in columns:
+                self._db.execute(
+                    f"ALTER TABLE calibrations ADD COLUMN {column} TEXT NOT NULL DEFAULT ''"
+                )
+        self._db.execute(
+            "UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),)
+        )
 
     def close(self) -> None:
         self._db.close()
@@ -166,28 +210,7 @@ class LatencyTable:
         for m in items:
             m.check()
         with self._db:
-            self._db.executemany(
-                "INSERT INTO measurements (device, backend, compute_unit, precision, sig_hash,"
-                " signature, samples, median_ms, iqr_ms, source, created, versions)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                [
-                    (
-                        m.device,
-                        m.backend,
-                        m.compute_unit,
-                        m.precision,
-                        m.signature.hash,
-                        m.signature.to_json(),
-                        json.dumps(m.samples),
-                        m.median_ms,
-                        m.iqr_ms,
-                        m.source,
-                        m.created,
-                        json.dumps(m.versions, sort_keys=True),
-                    )
-                    for m in items
-                ],
-            )
+            self._db.executemany(_INSERT, [_values(m) for m in items])
         return len(items)
 
     # -- reading ------------------------------------------------------------------------------
@@ -262,6 +285,42 @@ class LatencyTable:
             Measurement.from_dict(dict(r)) for r in self._db.execute(query + " ORDER BY id", args)
         ]
 
+    # -- for the latency service and few-shot transfer -----------------------------------------
+
+    def add_atomic(
+        self,
+        measurements: Iterable[Measurement],
+        also: Callable[[sqlite3.Connection, list[int]], None],
+    ) -> list[int]:
+        """`add`, then `also(connection, row_ids)` in the same transaction: the service marks
+        its jobs done together with the rows that answer them, so a crash keeps both or
+        neither. If `also` raises, nothing is stored and the exception propagates."""
+        items = list(measurements)
+        for m in items:
+            m.check()
+        with self._db:
+            ids = [self._db.execute(_INSERT, _values(m)).lastrowid for m in items]
+            also(self._db, ids)
+        return ids
+
+    def hashes(
+        self, device: str, backend: str, compute_unit: str, precision: str, source: str
+    ) -> set[str]:
+        """Signature hashes of one setting that have rows of `source` (measured | predicted)."""
+        rows = self._db.execute(
+            "SELECT DISTINCT sig_hash FROM measurements WHERE device=? AND backend=?"
+            " AND compute_unit=? AND precision=? AND source=?",
+            (device, backend, compute_unit, precision, source),
+        )
+        return {r[0] for r in rows}
+
+    def last_id(self, device: str | None = None) -> int:
+        """Id of the newest row (of `device`), 0 if none: changes whenever rows are added."""
+        query, args = "SELECT MAX(id) FROM measurements", ()
+        if device is not None:
+            query, args = query + " WHERE device=?", (device,)
+        return self._db.execute(query, args).fetchone()[0] or 0
+
     # -- calibration --------------------------------------------------------------------------
 
     def add_calibration(
@@ -273,15 +332,23 @@ class LatencyTable:
         samples: int,
         mape_before: float,
         mape_after: float,
+        **setting,
     ) -> None:
+        """Store a fit measured ≈ slope × predicted + intercept for one device setting
+        (`backend`, `compute_unit`, `precision`; may be omitted when the device has one)."""
         if not all(math.isfinite(v) for v in (slope, intercept)) or slope <= 0:
             raise UserError(f"calibration slope {slope} / intercept {intercept} is not usable")
+        s = self.setting(check_device_name(device), **setting)
         with self._db:
             self._db.execute(
-                "INSERT INTO calibrations (device, space, slope, intercept, samples, mape_before,"
-                " mape_after, created) VALUES (?,?,?,?,?,?,?,?)",
+                "INSERT INTO calibrations (device, backend, compute_unit, precision, space, slope,"
+                " intercept, samples, mape_before, mape_after, created)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 (
-                    check_device_name(device),
+                    device,
+                    s["backend"],
+                    s["compute_unit"],
+                    s["precision"],
                     space,
                     slope,
                     intercept,
@@ -292,10 +359,16 @@ class LatencyTable:
                 ),
             )
 
-    def calibration(self, device: str, space: str) -> dict | None:
+    def calibration(self, device: str, space: str, **setting) -> dict | None:
+        """The newest calibration of `space` on this device setting, if any."""
+        known = {d["device"] for d in self.devices()}
+        if device not in known:
+            return None
+        s = self.setting(device, **setting)
         row = self._db.execute(
-            "SELECT * FROM calibrations WHERE device=? AND space=? ORDER BY id DESC LIMIT 1",
-            (device, space),
+            "SELECT * FROM calibrations WHERE device=? AND backend=? AND compute_unit=?"
+            " AND precision=? AND space=? ORDER BY id DESC LIMIT 1",
+            (device, s["backend"], s["compute_unit"], s["precision"], space),
         ).fetchone()
         return dict(row) if row else None
 

@@ -1,4 +1,4 @@
-"""Shared fixtures for the search-space tests."""
+"""Shared fixtures."""
 
 from __future__ import annotations
 
@@ -7,6 +7,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    # two threads on a 2-core machine that also runs pytest's own work is several times
+    # slower than one, and timing-free tests gain nothing from the second thread
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

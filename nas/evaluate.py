@@ -1,0 +1,148 @@
+"""Action evaluation (paper Sec. 3.1): ΔCLIP and ΔLatency of every legal action.
+
+Every architecture is scored on the *same* prompts from the *same* initial noises, so two
+architectures' scores differ only by the architecture (a paired comparison); text
+conditions and CLIP text features are computed once per evaluator.
+
+Signs: for removing a block, ΔCLIP = CLIP(arch) − CLIP(arch without it) (what the block
+contributes; positive if it helps) and ΔLatency = latency(arch) − latency(arch without it)
+(what it costs, > 0). value = ΔCLIP / ΔLatency: CLIP per millisecond. The evolution removes
+the blocks of lowest value and copies the blocks of highest value.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from latency.predict import Predictor
+from search_spaces import Action, Architecture
+
+from .clip import ClipScorer
+from .generate import generate, initial_noise
+from .supernet import ElasticUNet
+
+
+@dataclass
+class Protocol:
+    """How an architecture is scored."""
+
+    prompts: list[str]  # validation prompts (each scored once per seed)
+    seeds: int = 1  # initial noises per prompt
+    steps: int = 20  # DDIM steps
+    cfg: float = 3.0  # classifier-free guidance scale
+    batch_size: int = 32  # images generated at once
+    seed: int = 0  # seeds the initial noises
+
+
+@dataclass
+class ActionValue:
+    action: str  # "remove SLOT" / "copy SLOT"
+    kind: str
+    slot: str
+    clip: float  # CLIP score of the architecture after the action
+    delta_clip: float  # see the module docstring for signs
+    delta_ms: float
+    value: float  # delta_clip / delta_ms
+    seconds: float  # time spent scoring this action
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Evaluator:
+    def __init__(
+        self,
+        supernet: ElasticUNet,
+        clip: ClipScorer,
+        protocol: Protocol,
+        encode_text: Callable[[list[str]], torch.Tensor],
+        uncond: torch.Tensor,
+        decode: Callable[[torch.Tensor], torch.Tensor],
+    ):
+        self.supernet, self.clip, self.protocol, self.decode = supernet, clip, protocol, decode
+        prompts = [p for p in protocol.prompts for _ in range(protocol.seeds)]
+        self.prompts = prompts
+        with torch.no_grad():
+            self.context = encode_text(prompts)  # once per run
+            self.text_features = clip.text_features(prompts)
+        self.uncond = uncond
+        self.noise = initial_noise(supernet.space, len(prompts), protocol.seed)
+
+    def scores(self, arch: Architecture) -> torch.Tensor:
+        """Per-image CLIP scores of `arch` (same prompts and noises for every architecture)."""
+        previous = self.supernet.architecture
+        self.supernet.set_architecture(arch)
+        p, out = self.protocol, []
+        try:
+            for i in range(0, len(self.prompts), p.batch_size):
+                sl = slice(i, i + p.batch_size)
+                latents = generate(
+                    self.supernet, self.context[sl], self.uncond, self.noise[sl], p.steps, p.cfg
+                )
+                with torch.no_grad():
+                    feats = self.clip.image_features(self.decode(latents))
+                out.append(self.clip.score_features(feats, self.text_features[sl]))
+        finally:
+            self.supernet.set_architecture(previous)
+        return torch.cat(out)
+
+    def images(self, arch: Architecture, n: int) -> torch.Tensor:
+        """The first n images of `arch` (prompts and noises as in scoring), in [0, 1]."""
+        previous = self.supernet.architecture
+        self.supernet.set_architecture(arch)
+        try:
+            latents = generate(
+                self.supernet,
+                self.context[:n],
+                self.uncond,
+                self.noise[:n],
+                self.protocol.steps,
+                self.protocol.cfg,
+            )
+            with torch.no_grad():
+                return self.decode(latents).clamp(0, 1)
+        finally:
+            self.supernet.set_architecture(previous)
+
+    def clip_score(self, arch: Architecture) -> float:
+        return float(self.scores(arch).mean())
+
+    def evaluate(
+        self,
+        arch: Architecture,
+        predictor: Predictor,
+        kinds=("remove",),
+        base_clip: float | None = None,
+        progress=None,
+    ) -> list[ActionValue]:
+        """ΔCLIP, ΔLatency and value of every legal action of `kinds` from `arch`."""
+        space = self.supernet.space
+        base = self.clip_score(arch) if base_clip is None else base_clip
+        base_ms = predictor.predict(arch).raw_ms
+        out = []
+        for action in space.actions(arch):
+            if action.kind not in kinds:
+                continue
+            start = time.perf_counter()
+            after = arch.apply(action)
+            clip = self.clip_score(after)
+            ms = predictor.predict(after).raw_ms
+            out.append(_value(action, base, clip, base_ms, ms, time.perf_counter() - start))
+            if progress is not None:
+                progress()
+        return out
+
+
+def _value(
+    action: Action, base: float, clip: float, base_ms: float, ms: float, seconds: float
+) -> ActionValue:
+    if action.kind == "remove":  # what the block gives and costs
+        d_clip, d_ms = base - clip, base_ms - ms
+    else:  # what the copy would give and cost
+        d_clip, d_ms = clip - base, ms - base_ms
+    value = d_clip / d_ms if d_ms > 0 else float("inf")
+    return ActionValue(str(action), action.kind, action.slot, clip, d_clip, d_ms, value, seconds)

@@ -1,0 +1,299 @@
+"""Architecture evolution (paper Alg. 1), resumable, writing a run directory.
+
+    repeat:
+        robust training for `train_steps`
+        evaluate every removal: ΔCLIP (paired, same noises), ΔLatency (lookup table)
+        if predicted latency > target: remove the `group_size` blocks of lowest value
+        else: copy the most valuable blocks while the target stays met
+    until latency <= target and no copy fits, or `max_iterations`
+
+Each iteration draws its randomness from (seed, iteration) and ends with a checkpoint, so
+a run killed at any point and resumed ends with the same architecture as one never killed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from latency.predict import Predictor
+from search_spaces import Action, Architecture, SearchSpace, UserError
+
+from .evaluate import ActionValue, Evaluator
+from .experiment import Experiment
+from .supernet import ElasticUNet
+
+log = logging.getLogger(__name__)
+
+HISTORY = "history.jsonl"
+GRID = 16  # images per grid of the original and the found network
+STATE = "state.json"
+
+
+@dataclass
+class SearchResult:
+    arch: Architecture
+    latency_ms: float
+    target_ms: float
+    clip: float
+    iterations: int
+    run_dir: Path
+
+
+def smallest_latency(space: SearchSpace, predictor: Predictor) -> tuple[Architecture, float]:
+    """A near-smallest reachable latency: greedily remove the costliest legal blocks."""
+    arch = space.original()
+    while True:
+        removals = [a for a in space.actions(arch) if a.kind == "remove"]
+        if not removals:
+            return arch, predictor.predict(arch).total_ms
+        best = max(removals, key=lambda a: predictor.block_ms(a.slot))
+        arch = arch.apply(best)
+
+
+def resolve_target(exp: Experiment, space: SearchSpace, predictor: Predictor) -> float:
+    original = predictor.predict(space.original()).total_ms
+    target = exp.target.ms if exp.target.ms is not None else exp.target.ratio * original
+    _, smallest = smallest_latency(space, predictor)
+    if target < smallest:
+        raise UserError(
+            f"target {target:.2f} ms cannot be reached in space {space.name!r} on "
+            f"{predictor.device}: the smallest reachable latency is about {smallest:.2f} ms "
+            f"(original {original:.2f} ms, ratio {smallest / original:.2f})"
+        )
+    return target
+
+
+class RunDir:
+    """runs/<name>/: experiment, space, table snapshot, history, checkpoints, result."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def create(self, exp: Experiment, space: SearchSpace, table_rows: list[dict]) -> None:
+        if self.path.exists() and any(self.path.iterdir()):
+            raise UserError(
+                f"run directory {self.path} exists; resume it with --resume {self.path}, "
+                "or choose another --name"
+            )
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / "experiment.yaml").write_text(
+            yaml.safe_dump(exp.model_dump(mode="json"), sort_keys=False)
+        )
+        (self.path / "experiment.hash").write_text(exp.content_hash() + "\n")
+        (self.path / "space.json").write_text(
+            json.dumps(space.spec.model_dump(mode="json"), indent=2)
+        )
+        (self.path / "table.json").write_text(json.dumps(table_rows, indent=1))
+
+    def check_same(self, exp: Experiment) -> None:
+        stored = self.path / "experiment.hash"
+        if not stored.is_file():
+            raise UserError(f"{self.path} is not a diffnas run directory (no experiment.hash)")
+        if stored.read_text().strip() != exp.content_hash():
+            raise UserError(
+                f"{self.path} holds another experiment (its experiment.yaml differs from this "
+                "one); resume with the same experiment file and flags, or start a new --name"
+            )
+
+    def history(self) -> list[dict]:
+        f = self.path / HISTORY
+        return [json.loads(line) for line in f.read_text().splitlines()] if f.exists() else []
+
+    def save_iteration(self, record: dict, model: ElasticUNet) -> None:
+        """Checkpoint after an iteration, then append its record (the record marks it done)."""
+        tmp = self.path / "checkpoint.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp / "model")
+        state = {
+            "iteration": record["iteration"],
+            "arch": record["arch_after"],
+            "rng": torch.get_rng_state().tolist(),
+        }
+        (tmp / STATE).write_text(json.dumps(state))
+        final = self.path / "checkpoint"
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        with open(self.path / HISTORY, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def load_checkpoint(self, model: ElasticUNet) -> tuple[int, Architecture]:
+        """Weights and architecture after the last completed iteration (-1: none)."""
+        done = self.history()
+        ckpt = self.path / "checkpoint"
+        if not done or not (ckpt / STATE).is_file():
+            return -1, model.space.original()
+        state = json.loads((ckpt / STATE).read_text())
+        if state["iteration"] != done[-1]["iteration"]:  # killed between the two writes
+            done = done[: state["iteration"] + 1]
+            (self.path / HISTORY).write_text("".join(json.dumps(r) + "\n" for r in done))
+        saved = ElasticUNet.from_pretrained(ckpt / "model")
+        arch = Architecture.from_dict(state["arch"])
+        model.ensure_copies(saved.copy_counts())
+        model.load_state_dict(saved.state_dict())
+        model.set_architecture(arch)
+        torch.set_rng_state(torch.tensor(state["rng"], dtype=torch.uint8))
+        return state["iteration"], arch
+
+
+def evolve(
+    exp: Experiment,
+    model: ElasticUNet,
+    evaluator: Evaluator,
+    predictor: Predictor,
+    robust_train: Callable[[ElasticUNet, int, int], object],
+    run: RunDir,
+    target_ms: float,
+    progress: bool = True,
+) -> SearchResult:
+    """Run (or continue) the evolution of `model`'s architecture towards `target_ms`.
+
+    `robust_train(model, steps, seed)` trains the supernet in its current architecture (the
+    world knows its data, encoders and loss: see `nas.search`).
+    """
+    space, s = model.space, exp.search
+    last, arch = run.load_checkpoint(model)
+    converged = bool(run.history()) and run.history()[-1].get("converged", False)
+    it = last + 1
+    while it < s.max_iterations and not converged:
+        start = time.perf_counter()
+        torch.manual_seed(exp.seed * 1000 + it)
+        model.set_architecture(arch)
+        if s.train_steps:
+            model.train()
+            robust_train(model, s.train_steps, exp.seed * 1000 + it)
+        model.eval()
+        base_clip = evaluator.clip_score(arch)
+        removals = [a for a in space.actions(arch) if a.kind == "remove"]
+        with tqdm(
+            total=len(removals),
+            desc=f"iteration {it}: evaluating actions",
+            disable=not progress,
+            leave=False,
+        ) as bar:
+            values = evaluator.evaluate(arch, predictor, ("remove",), base_clip, bar.update)
+        latency = predictor.predict(arch).total_ms
+        if latency > target_ms:
+            decision, changed = "remove", _remove(space, arch, values, s.group_size)
+        elif s.copy_blocks:
+            decision, changed = (
+                "copy",
+                _copy(space, arch, values, s.group_size, predictor, target_ms),
+            )
+        else:
+            decision, changed = "stop", []
+        after = arch
+        for action in changed:
+            after = after.apply(action)
+        converged = latency <= target_ms and not changed
+        record = {
+            "iteration": it,
+            "arch": arch.to_dict(),
+            "arch_hash": arch.hash,
+            "latency_ms": latency,
+            "target_ms": target_ms,
+            "clip": base_clip,
+            "actions": [v.to_dict() for v in values],
+            "decision": decision,
+            "applied": [str(a) for a in changed],
+            "arch_after": after.to_dict(),
+            "latency_after_ms": predictor.predict(after).total_ms,
+            "converged": converged,
+            "seconds": time.perf_counter() - start,
+        }
+        model.set_architecture(after)
+        run.save_iteration(record, model)
+        log.info(
+            "iteration %d: %.2f ms, CLIP %.2f, %s %s",
+            it,
+            latency,
+            base_clip,
+            decision,
+            ", ".join(record["applied"]) or "-",
+        )
+        if progress:
+            print(
+                f"iteration {it}: {latency:.2f} ms (target {target_ms:.2f}), CLIP "
+                f"{base_clip:.2f}; {decision}: {', '.join(record['applied']) or 'nothing'}",
+                flush=True,
+            )
+        arch = after
+        it += 1
+    return _finish(model, evaluator, predictor, run, arch, target_ms, it)
+
+
+def _remove(space, arch, values: list[ActionValue], n: int) -> list[Action]:
+    """The n lowest-value removals, legality re-checked after each."""
+    chosen, current = [], arch
+    for v in sorted(values, key=lambda v: v.value):
+        action = Action("remove", v.slot)
+        if len(chosen) == n:
+            break
+        if current[v.slot] > 0 and not space.violations(current.apply(action)):
+            chosen.append(action)
+            current = current.apply(action)
+    return chosen
+
+
+def _copy(space, arch, values, n, predictor, target_ms) -> list[Action]:
+    """Copies of the most valuable blocks, while the target stays met."""
+    chosen, current = [], arch
+    for v in sorted(values, key=lambda v: -v.value):
+        if len(chosen) == n:
+            break
+        action = Action("copy", v.slot)
+        after = current.apply(action)
+        if space.violations(after) or predictor.predict(after).total_ms > target_ms:
+            continue
+        chosen.append(action)
+        current = after
+    return chosen
+
+
+def save_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> None:
+    from torchvision.utils import save_image
+
+    save_image(images, path, nrow=nrow, padding=2, pad_value=1.0)
+
+
+def _finish(model, evaluator, predictor, run: RunDir, arch, target_ms, iterations):
+    model.set_architecture(arch)
+    arch.save(run.path / "final.arch.json")
+    if not (run.path / "final").exists():
+        model.save_pretrained(run.path / "final")
+    result_file = run.path / "result.json"
+    if result_file.exists():
+        result = json.loads(result_file.read_text())
+    else:
+        original = model.space.original()
+        found, orig = predictor.predict(arch), predictor.predict(original)
+        result = {
+            "arch_hash": arch.hash,
+            "latency_ms": found.total_ms,
+            "target_ms": target_ms,
+            "target_met": found.total_ms <= target_ms,
+            "clip": evaluator.clip_score(arch),
+            "original_clip": evaluator.clip_score(original),
+            "original_ms": orig.total_ms,
+            "iterations": iterations,
+            "per_stage": {"original": orig.per_stage, "found": found.per_stage},
+            "fixed_ms": found.fixed_ms,
+            "counts": {"original": model.space.counts(original), "found": model.space.counts(arch)},
+            "params": {"original": model.space.params(original), "found": model.space.params(arch)},
+            "prompts": evaluator.prompts[:GRID],
+        }
+        for name, a in (("original", original), ("found", arch)):
+            save_grid(evaluator.images(a, GRID), run.path / f"grid_{name}.png")
+        result_file.write_text(json.dumps(result, indent=2) + "\n")
+    return SearchResult(
+        arch, result["latency_ms"], target_ms, result["clip"], result["iterations"], run.path
+    )

@@ -1,0 +1,117 @@
+"""The experiment file of `diffnas search` (YAML), validated with pydantic.
+
+Every field is documented in docs/experiment.md. Errors name the file, line and field,
+as for search-space files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from search_spaces import UserError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class WorldSpec(_Strict):
+    kind: Literal["tiny", "stable_diffusion"] = "tiny"  # where data, CLIP and weights come from
+    miniature: bool = False  # tiny only: a few-step world, for tests
+    pipeline: str | None = None  # stable_diffusion: local diffusers pipeline folder
+    captions: str | None = None  # stable_diffusion: MS-COCO captions_val2014.json
+    clip_model: str = "ViT-g-14"  # stable_diffusion: open_clip model name
+    clip_weights: str | None = None  # stable_diffusion: local open_clip weights file
+
+
+class LatencySpec(_Strict):
+    device: str = "cpu-local"  # device name in the table
+    db: str | None = None  # table file; default: <DIFFNAS_CACHE>/latency.db
+    backend: str = "torch"  # backend used when `build` measures missing blocks
+    compute_unit: str | None = None  # backend's compute unit (default: its first)
+    precision: str = "fp32"
+    build: bool = True  # measure what the table lacks first (backends that time here only)
+    repeats: int = Field(10, ge=1)  # timed runs per block when building
+
+
+class TargetSpec(_Strict):
+    ms: float | None = Field(None, gt=0)  # latency target in ms on the device
+    ratio: float | None = Field(None, gt=0, le=1)  # or: fraction of the original's latency
+
+    @model_validator(mode="after")
+    def _one(self):
+        if (self.ms is None) == (self.ratio is None):
+            raise ValueError("give exactly one of ms, ratio")
+        return self
+
+
+class SearchSpec(_Strict):
+    max_iterations: int = Field(10, ge=1)  # evolution iterations at most
+    train_steps: int = Field(50, ge=0)  # robust-training steps before each evaluation
+    batch_size: int = Field(32, ge=1)  # training batch
+    lr: float = Field(1e-4, gt=0)  # training learning rate
+    group_size: int = Field(1, ge=1)  # blocks removed (or copied) per iteration
+    copy_blocks: bool = True  # once the target is met, copy the most valuable blocks
+
+
+class EvaluationSpec(_Strict):
+    prompts: int = Field(16, ge=1)  # validation prompts scored per architecture
+    seeds: int = Field(1, ge=1)  # initial noises per prompt
+    steps: int = Field(10, ge=1)  # DDIM steps
+    cfg: float = Field(3.0, ge=1)  # classifier-free guidance scale
+    batch_size: int = Field(32, ge=1)  # images generated at once
+
+
+class Experiment(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # default run name
+    space: str  # search space: built-in name, plug-in name or YAML path
+    world: WorldSpec = WorldSpec()
+    latency: LatencySpec = LatencySpec()
+    target: TargetSpec
+    search: SearchSpec = SearchSpec()
+    evaluation: EvaluationSpec = EvaluationSpec()
+    seed: int = 0  # seeds training, evaluation noises and everything else
+
+    def content_hash(self) -> str:
+        """Identifies the experiment (a resume must continue the same one)."""
+        text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def load_experiment(path: str | Path, **overrides) -> Experiment:
+    """Read an experiment YAML; `overrides` (dotted keys, e.g. {"target.ms": 80}) win."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"experiment file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise UserError(f"{where}: malformed YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: an experiment file is a YAML mapping (name, space, target...)")
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        *parents, leaf = dotted.split(".")
+        node = data
+        for p in parents:
+            node = node.setdefault(p, {})
+        if parents == ["target"]:  # --target-ms replaces a ratio in the file, and vice versa
+            node.clear()
+        node[leaf] = value
+    try:
+        return Experiment.model_validate(data)
+    except ValidationError as e:
+        lines = [
+            f"{path}: {'.'.join(map(str, err['loc']))}: {err['msg'].removeprefix('Value error, ')}"
+            for err in e.errors()
+        ]
+        raise UserError("\n".join(lines)) from None

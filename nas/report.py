@@ -1,0 +1,194 @@
+"""`diffnas report runs/<name>`: the run directory as pictures, gathered in report.html.
+
+Reads only the run directory (history.jsonl, result.json, grids), so a report can be made
+anywhere, long after the search.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from search_spaces import SearchSpace, UserError  # noqa: E402
+from search_spaces.spec import SpaceSpec  # noqa: E402
+
+KINDS = (("cross_attention", "CA"), ("resnet", "ResNet"))
+
+
+def _load(run: Path) -> tuple[list[dict], dict]:
+    history_file, result_file = run / "history.jsonl", run / "result.json"
+    if not history_file.is_file():
+        raise UserError(f"{run} is not a finished diffnas run (no history.jsonl)")
+    history = [json.loads(line) for line in history_file.read_text().splitlines() if line]
+    if not history:
+        raise UserError(f"{run}: history.jsonl is empty; the search has not finished an iteration")
+    result = json.loads(result_file.read_text()) if result_file.is_file() else {}
+    return history, result
+
+
+def _progress(history, result, path):
+    its = [h["iteration"] for h in history]
+    fig, ax = plt.subplots(figsize=(6, 3.4), dpi=120)
+    ax.plot(its, [h["latency_ms"] for h in history], "o-", color="C0", label="latency")
+    ax.axhline(history[0]["target_ms"], color="C0", ls="--", lw=1, label="target")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("predicted latency (ms)", color="C0")
+    ax2 = ax.twinx()
+    ax2.plot(its, [h["clip"] for h in history], "s-", color="C3", label="CLIP")
+    ax2.set_ylabel("CLIP score", color="C3")
+    ax.set_xticks(its)
+    fig.legend(loc="upper right", fontsize=8)
+    ax.set_title("latency and CLIP score per iteration", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _counts(arch: dict, slots: dict) -> dict:
+    out: dict = {}
+    for path, n in arch["multiplicity"].items():
+        stage, kind = slots[path]
+        out[(stage, kind)] = out.get((stage, kind), 0) + n
+    return out
+
+
+def _heatmap(history, result, slots, stages, path):
+    archs = [h["arch"] for h in history] + [history[-1]["arch_after"]]
+    labels = [str(h["iteration"]) for h in history] + ["final"]
+    rows = [(s, k) for s in stages for k, _ in KINDS if any(slots[p] == (s, k) for p in slots)]
+    data = np.array([[_counts(a, slots).get(r, 0) for a in archs] for r in rows])
+    fig, ax = plt.subplots(figsize=(1.2 + 0.55 * len(archs), 0.8 + 0.32 * len(rows)), dpi=120)
+    ax.imshow(data, cmap="Blues", aspect="auto", vmin=0)
+    for i in range(len(rows)):
+        for j in range(len(archs)):
+            ax.text(
+                j,
+                i,
+                data[i, j],
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if data[i, j] > data.max() * 0.6 else "black",
+            )
+    ax.set_yticks(range(len(rows)), [f"{s} {dict(KINDS)[k]}" for s, k in rows], fontsize=8)
+    ax.set_xticks(range(len(archs)), labels, fontsize=8)
+    ax.set_xlabel("iteration")
+    ax.set_title("blocks per stage and kind", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _values(history, slots, path):
+    actions = sorted(history[0]["actions"], key=lambda a: a["value"])
+    if not actions:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 0.6 + 0.22 * len(actions)), dpi=120)
+    colors = ["C0" if slots[a["slot"]][1] == "cross_attention" else "C1" for a in actions]
+    ax.barh(range(len(actions)), [a["value"] for a in actions], color=colors)
+    ax.set_yticks(range(len(actions)), [a["slot"] for a in actions], fontsize=7)
+    ax.axvline(0, color="0.3", lw=0.8)
+    ax.set_xlabel("value = ΔCLIP / ΔLatency (CLIP points per ms)")
+    ax.set_title("block values at the first evaluation (blue: CA, orange: ResNet)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def _stages(result, path):
+    per = result["per_stage"]
+    stages = list(per["original"])
+    x = np.arange(len(stages))
+    fig, ax = plt.subplots(figsize=(7, 3.4), dpi=120)
+    for i, (name, hatch) in enumerate((("original", ""), ("found", "//"))):
+        bottom = np.zeros(len(stages))
+        for k, label in KINDS:
+            v = np.array([per[name][s][k] for s in stages])
+            ax.bar(
+                x + (i - 0.5) * 0.38,
+                v,
+                0.36,
+                bottom=bottom,
+                hatch=hatch,
+                color="C0" if k == "cross_attention" else "C1",
+                edgecolor="white",
+                label=f"{label} ({name})",
+            )
+            bottom += v
+    ax.set_xticks(x, stages)
+    ax.set_ylabel("predicted ms")
+    ax.set_title("per-stage latency: original (left) vs found (right, hatched)", fontsize=10)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_report(run: str | Path) -> Path:
+    run = Path(run)
+    history, result = _load(run)
+    space = json.loads((run / "space.json").read_text())
+    sp = SearchSpace(SpaceSpec.model_validate(space))
+    slots = {p: (s.stage, s.kind) for p, s in sp.slots.items()}  # from the run's own space
+    _progress(history, result, run / "progress.png")
+    _heatmap(history, result, slots, list(sp.stages), run / "architecture.png")
+    has_values = _values(history, slots, run / "values.png")
+    if result:
+        _stages(result, run / "stages.png")
+    (run / "report.html").write_text(_html(run, history, result, has_values))
+    return run / "report.html"
+
+
+def _html(run, history, result, has_values) -> str:
+    e = html.escape
+    rows = ""
+    if result:
+        speedup = result["original_ms"] / result["latency_ms"]
+        rows = (
+            f"<tr><td>predicted latency</td><td>{result['original_ms']:.2f} ms</td>"
+            f"<td>{result['latency_ms']:.2f} ms ({speedup:.2f}× faster; target "
+            f"{result['target_ms']:.2f} ms)</td></tr>"
+            f"<tr><td>CLIP score</td><td>{result['original_clip']:.2f}</td>"
+            f"<td>{result['clip']:.2f}</td></tr>"
+            f"<tr><td>parameters</td><td>{result['params']['original'] / 1e6:.2f}M</td>"
+            f"<td>{result['params']['found'] / 1e6:.2f}M</td></tr>"
+        )
+    its = "".join(
+        f"<tr><td>{h['iteration']}</td><td>{h['latency_ms']:.2f}</td><td>{h['clip']:.2f}</td>"
+        f"<td>{e(h['decision'])}</td><td>{e(', '.join(h['applied']) or '-')}</td>"
+        f"<td>{h['seconds']:.0f} s</td></tr>"
+        for h in history
+    )
+    grids = ""
+    if (run / "grid_original.png").exists():
+        prompts = "".join(f"<li>{e(p)}</li>" for p in result.get("prompts", []))
+        grids = (
+            "<h2>Same prompts, same noises</h2><div class=row>"
+            "<figure><img class=px src=grid_original.png><figcaption>original</figcaption>"
+            "</figure><figure><img class=px src=grid_found.png><figcaption>found</figcaption>"
+            f"</figure></div><details><summary>prompts (row by row)</summary><ol>{prompts}"
+            "</ol></details>"
+        )
+    values = "<img src=values.png>" if has_values else ""
+    stages = "<img src=stages.png>" if result else ""
+    return f"""<!doctype html><html><head><meta charset=utf-8><title>diffnas run {e(run.name)}
+</title><style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}}
+table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px}}
+img{{max-width:100%}}.px{{image-rendering:pixelated;width:460px}}.row{{display:flex;gap:1em}}
+figure{{margin:0}}</style></head><body>
+<h1>diffnas run <code>{e(run.name)}</code></h1>
+<table><tr><th></th><th>original</th><th>found</th></tr>{rows}</table>
+<h2>Evolution</h2><img src=progress.png><img src=architecture.png>
+<table><tr><th>iteration</th><th>ms</th><th>CLIP</th><th>decision</th><th>applied</th>
+<th>time</th></tr>{its}</table>
+<h2>Block values</h2>{values}<h2>Latency per stage</h2>{stages}{grids}
+</body></html>
+"""
