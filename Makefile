@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: install
-	$(BIN)/diffnas search experiments/tiny.yaml --name tiny-$$(date +%Y%m%d-%H%M%S)
+	$(BIN)/diffnas space show sd15 --arch experiments/snapfusion_sd15.arch.json
 
 test: install
 	$(BIN)/ruff check .

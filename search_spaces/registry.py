@@ -62,7 +62,8 @@ def _from_plugin(ep: metadata.EntryPoint) -> SearchSpace:
 def load_space(ref: str | Path) -> SearchSpace:
     """A space by YAML path, built-in name or plug-in name (in that order)."""
     ref_str = str(ref)
-    if ref_str.endswith((".yaml", ".yml")) or Path(ref_str).is_file():
+    # a path only when it looks like one: a file named "tiny" must not shadow the built-in
+    if ref_str.endswith((".yaml", ".yml")) or ("/" in ref_str and Path(ref_str).is_file()):
         return SearchSpace.from_yaml(ref_str)
     if ref_str in _builtin_files():
         return _builtin(ref_str)

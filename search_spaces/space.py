@@ -295,7 +295,7 @@ class SearchSpace:
                 return arch
         raise SpaceError(
             f"no legal architecture found in {max_tries} random draws of space {self.name!r}; "
-            "its constraints may be too tight for p_change={p_change}"
+            f"its constraints may be too tight for p_change={p_change}"
         )
 
     def with_inputs(self, latent=None, context=None, batch=None) -> SearchSpace:
