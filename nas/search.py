@@ -31,10 +31,11 @@ def open_world(exp: Experiment, space: SearchSpace, progress: bool = True):
 
         config = TinyWorldConfig.miniature() if exp.world.miniature else TinyWorldConfig()
         world = load_tiny_world(config, progress=progress)
-    else:
-        from .sd_world import load_sd_world
-
-        world = load_sd_world(exp.world, space)
+    else:  # the Stable Diffusion world (local pipeline, MS-COCO captions) is not built yet
+        raise UserError(
+            "world kind 'stable_diffusion' is not available in this version of diffnas; "
+            "use `world: {kind: tiny}`"
+        )
     if world.space.name != space.name or world.space.slots.keys() != space.slots.keys():
         raise UserError(
             f"the {exp.world.kind} world's UNet is space {world.space.name!r}, but the "
