@@ -115,21 +115,22 @@ class Agent:
         sig = BlockSignature.from_dict(job["signature"])
         beat = _Heartbeat(self, job, lease_seconds)
         start = time.perf_counter()
+        error = None
         try:
             self.interruptible = True
             if self.stopping.is_set():  # the stop came while the lease was on its way
                 raise AgentStopped
             timing = backend.profile(sig)
-            self.interruptible = False
         except AgentStopped:
             raise
         except Exception as e:  # the block failed here: the service retries it or marks it
-            self.interruptible = False
-            beat.stop()
-            self._fail(job, f"{type(e).__name__}: {e}")
-            return
+            error = f"{type(e).__name__}: {e}"
         finally:
-            beat.stop()
+            self.interruptible = False
+            beat.stop()  # before any post: a late beat would find the lease gone
+        if error is not None:
+            self._fail(job, error)
+            return
         seconds = time.perf_counter() - start
         versions = {k: v if _scalar(v) else str(v) for k, v in timing.versions.items()}
         versions["agent"] = self.name

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from search_spaces import UserError
@@ -102,6 +103,7 @@ class _AlreadyDone(Exception):
     pass
 
 
+@lru_cache(maxsize=4096)  # building even on the meta device takes milliseconds
 def in_call_order(sig: BlockSignature) -> BlockSignature:
     """The signature with its inputs in the order the block's forward takes them.
 
@@ -111,7 +113,7 @@ def in_call_order(sig: BlockSignature) -> BlockSignature:
     depend on the order, so reordering changes nothing else."""
     names = list(inspect.signature(sig.build("meta").forward).parameters)
     inputs = dict(sig.inputs)
-    if not set(inputs) <= set(names):  # named otherwise (e.g. resnet's input_tensor): as given
+    if not set(inputs) <= set(names):  # a forward that names them otherwise: keep as given
         return sig
     ordered = {k: inputs[k] for k in sorted(inputs, key=names.index)}
     return BlockSignature.make(sig.kind, dict(sig.init), ordered, sig.dtype)

@@ -14,7 +14,6 @@ every field is validated (pydantic, strict types, finite positive latencies).
 from __future__ import annotations
 
 import json
-import logging
 import math
 import secrets
 import socket
@@ -41,9 +40,6 @@ from .predict import MissingSignaturesError, Predictor
 from .signature import BlockSignature, signatures
 from .table import DEVICE_NAME, LatencyTable
 
-log = logging.getLogger(__name__)
-
-DEFAULT_PORT = 8470
 MAX_BODY = 1 << 20  # 1 MiB: a queue of a few hundred signatures; raise it with --max-body
 # needing no token: liveness and the API's own description
 PUBLIC_PATHS = {"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}

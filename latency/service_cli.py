@@ -10,6 +10,8 @@ from rich.console import Console
 
 from search_spaces import UserError, load_space
 
+DEFAULT_PORT = 8470
+
 console = Console()
 
 DB_HELP = "SQLite table file (default: $DIFFNAS_LATENCY_DB or ./latency.db)."
@@ -23,7 +25,7 @@ def _db(db: Path | None) -> Path:
 
 def serve_cmd(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (loopback)."),
-    port: int = typer.Option(8470, "--port", help="TCP port (0: any free one)."),
+    port: int = typer.Option(DEFAULT_PORT, "--port", help="TCP port (0: any free one)."),
     db: Path = typer.Option(None, "--db", help=DB_HELP),
     public_read: bool = typer.Option(
         False, "--public-read", help="Let anyone read tables and predictions without a token."
@@ -52,7 +54,8 @@ def serve_cmd(
     from .service import bind, create_app, loopback, serve
 
     path = _db(db)
-    token = admin_token(admin_token_file or default_admin_file(path), console.print)
+    # plain print: the token must come out whole, never wrapped or read as markup
+    token = admin_token(admin_token_file or default_admin_file(path), print)
     app = create_app(
         path,
         token,

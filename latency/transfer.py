@@ -8,11 +8,14 @@ bound ones) and on its kind (attention and convolutions move differently). So th
 
     log(B / A) = b0 + w . [log A_ms, log FLOPs, log bytes] + offset[kind]     (ridge)
 
-fitted on the K anchors, with the ridge strength picked by leave-one-out error. The blocks
-not measured on B are stored with source `predicted`, never `measured`: a later real
-measurement supersedes them, and queueing jobs for B still lists them as missing.
-(Cf. HELP, Lee et al. 2021: 0.93 rank correlation from 10 samples via meta-learning; this
-is the plain-regression version of the same idea.)
+fitted on the K anchors, with the ridge strength picked by leave-one-out error. A's own
+table is complete, so A's quirks can be seen there first: a block more than 3x off what A
+takes for blocks of its size and kind (a stall, a thread barrier waiting for a busy core) is
+a property of A that B need not share, and its A latency is tempered to that bound before
+anything is fitted. The blocks not measured on B are stored with source `predicted`, never
+`measured`: a later real measurement supersedes them, and queueing jobs for B still lists
+them as missing. (Cf. HELP, Lee et al. 2021: 0.93 rank correlation from 10 samples via
+meta-learning; this is the plain-regression version of the same idea.)
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from .signature import DTYPES, BlockSignature
 from .table import LatencyTable, Measurement, check_device_name
 
 LAMBDAS = (0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
+QUIRK = math.log(3.0)  # how far (in log ms) A may stray from its own size trend
 
 
 @lru_cache(maxsize=4096)
@@ -101,6 +105,31 @@ def loo_mape(cands: list[Candidate], target_ms: list[float], everyone, lam: floa
     return 100 * float(np.mean(errors))
 
 
+def temper_quirks(cands: list[Candidate]) -> tuple[list[Candidate], int]:
+    """A's latencies with its gross anomalies pulled back to 3x its size-and-kind trend.
+
+    The trend is a least-squares fit of log A on [log FLOPs, log bytes, kind] over all of A's
+    blocks, refitted twice without the blocks it misses by more than 3 robust deviations.
+    Returns the candidates (A latency tempered) and how many were tempered."""
+    kinds = sorted({c.signature.kind for c in cands})
+    x = np.array([[1.0, *c.features()[1:], *(c.signature.kind == k for k in kinds)] for c in cands])
+    if len(cands) < 2 * x.shape[1]:  # too few blocks to know A's trend
+        return cands, 0
+    y = np.log([c.source_ms for c in cands])
+    keep = np.ones(len(y), bool)
+    for _ in range(3):
+        w = np.linalg.lstsq(x[keep], y[keep], rcond=None)[0]
+        resid = y - x @ w
+        spread = 1.4826 * np.median(np.abs(resid[keep] - np.median(resid[keep])))
+        keep = np.abs(resid) <= 3 * spread + 1e-9
+    bound = max(QUIRK, 3 * spread)
+    tempered = np.exp(x @ w + np.clip(resid, -bound, bound))
+    changed = int(np.sum(np.abs(resid) > bound))
+    return [
+        Candidate(c.signature, float(ms)) for c, ms in zip(cands, tempered, strict=True)
+    ], changed
+
+
 def choose(cands: list[Candidate], k: int, anchors: Iterable[BlockSignature] = ()) -> list[int]:
     """K representative candidates: greedy k-center over size features, kinds kept apart,
     so the picks span every kind and the whole latency range (indices into `cands`)."""
@@ -139,6 +168,7 @@ class TransferReport:
     predicted: dict[str, float] = field(default_factory=dict)  # hash -> ms stored as predicted
     lam: float = float("nan")
     loo_mape: float = float("nan")
+    quirks: int = 0  # A latencies tempered as A's own anomalies
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -197,6 +227,7 @@ def transfer(
         Candidate(in_call_order(m.signature.with_dtype(precision)), m.median_ms)
         for m in src.values()
     ]
+    cands, quirks = temper_quirks(cands)
     if len(cands) < budget:
         raise UserError(
             f"{source!r} has only {len(cands)} measured block(s); a budget of {budget} would "
@@ -230,6 +261,7 @@ def transfer(
         "anchors": len(fit_c),
         "lambda": lam,
         "loo_mape": round(scores[lam], 3) if not math.isnan(scores[lam]) else None,
+        "source_quirks_tempered": quirks,
     }
     rows = []
     for c, ms in zip(rest, model.predict(rest), strict=True):
@@ -237,7 +269,7 @@ def transfer(
         report.predicted[c.signature.hash] = float(ms)
     table.add(rows)
     report.anchors = [c.signature.hash for c in fit_c]
-    report.lam, report.loo_mape = lam, scores[lam]
+    report.lam, report.loo_mape, report.quirks = lam, scores[lam], quirks
     return report
 
 

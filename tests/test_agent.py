@@ -14,6 +14,7 @@ from test_service_support import (
     free_port,
     register,
     tiny_blocks,
+    tiny_count,
     tiny_signatures,
 )
 
@@ -75,12 +76,13 @@ def test_agent_fills_the_table(server):
     token = register(server)
     calls, lines = Counter(), []
     report = make_agent(server.url, token, calls, lines, name="a1").run()
-    assert report.done == 25 and report.failed == 0 and not report.stopped
-    assert server.store.counts("cpu-test")["done"] == 25
+    n = tiny_count()
+    assert report.done == n and report.failed == 0 and not report.stopped
+    assert server.store.counts("cpu-test")["done"] == n
     table = server.store.table
-    assert len(table.rows("cpu-test")) == 25
+    assert len(table.rows("cpu-test")) == n
     assert all(m.versions["agent"] == "a1" and m.versions["threads"] == 1 for m in table.rows())
-    assert any(line.startswith("[25/25] job ") for line in lines)  # progress per job
+    assert any(line.startswith(f"[{n}/{n}] job ") for line in lines)  # progress per job
     Predictor(load_space("tiny"), table, "cpu-test").predict(load_space("tiny").original())
 
 
@@ -96,9 +98,10 @@ def test_twenty_agents_do_every_job_exactly_once(server):
     assert not any(t.is_alive() for t in threads)
     sigs = {s["kind"] + str(i): s for i, s in enumerate(tiny_signatures())}
     assert len(calls) == len(sigs) and set(calls.values()) == {1}  # each block timed once
-    assert sum(a.report.done for a in agents) == 25
+    n = tiny_count()
+    assert sum(a.report.done for a in agents) == n
     rows = server.store.table.rows("cpu-test")
-    assert len(rows) == 25 and len({m.signature.hash for m in rows}) == 25
+    assert len(rows) == n and len({m.signature.hash for m in rows}) == n
     jobs = server.store.jobs("cpu-test")
     assert {j.state for j in jobs} == {"done"} and {j.attempts for j in jobs} == {1}
     assert len({m.versions["agent"] for m in rows}) > 1  # the work was shared

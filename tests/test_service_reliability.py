@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import stat
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from test_service_support import ServeChild, cache_unet_parts, call, free_port, register
+from test_service_support import (
+    ServeChild,
+    cache_unet_parts,
+    call,
+    free_port,
+    register,
+    tiny_count,
+)
 from test_service_support import tiny_signatures as sigs
 
+from latency.auth import default_admin_file
 from latency.table import LatencyTable
 
 
@@ -20,13 +29,17 @@ def _parts(monkeypatch):
 
 def test_every_acknowledged_result_survives_a_server_kill(tmp_path):
     db, port = tmp_path / "t.db", free_port()
-    server = ServeChild(db, port, tmp_path / "first.log")
+    server = ServeChild(db, port, tmp_path / "first.log", admin_env=False)
+    # the first start made the admin token: printed once, in a file only its owner reads
+    assert server.admin in server.output()
+    assert stat.S_IMODE(default_admin_file(db).stat().st_mode) == 0o600
     try:
-        token = register(server, sigs=sigs(2) + sigs(1))  # 50 jobs
+        token = register(server, sigs=sigs(2) + sigs(1))  # two batch sizes: twice tiny's
+        n = 2 * tiny_count()
         jobs = []
         while (job := server.call("POST", "/jobs/lease", {}, token)[1]["job"]) is not None:
             jobs.append(job)
-        assert len(jobs) == 50
+        assert len(jobs) == n
 
         acked, refused, lock = set(), [], threading.Lock()
 
@@ -46,11 +59,12 @@ def test_every_acknowledged_result_survives_a_server_kill(tmp_path):
                 time.sleep(0.001)
             server.kill()  # SIGKILL, in the middle of the burst
         assert not refused  # no 5xx or 4xx, only answers or a dead connection
-        assert 3 <= len(acked) < 50, len(acked)
+        assert 3 <= len(acked) < n, len(acked)
     finally:
         server.kill()
 
-    server = ServeChild(db, port, tmp_path / "second.log")
+    server = ServeChild(db, port, tmp_path / "second.log", admin_env=False)
+    assert "admin token" not in server.output()  # found in its file, not printed again
     try:
         hashes = {j["id"]: j["sig_hash"] for j in jobs}
         with LatencyTable(db) as table:
@@ -67,6 +81,6 @@ def test_every_acknowledged_result_survives_a_server_kill(tmp_path):
             assert status == (200 if job["id"] in acked else status) and status in (200, 201)
         with LatencyTable(db) as table:
             stored = [m.signature.hash for m in table.rows()]
-        assert len(stored) == 50 and len(set(stored)) == 50
+        assert len(stored) == n and len(set(stored)) == n
     finally:
         server.kill()

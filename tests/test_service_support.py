@@ -20,11 +20,17 @@ from pathlib import Path
 
 import uvicorn
 
+from latency.auth import default_admin_file, read_token_file
 from latency.service import bind, create_app
 from latency.signature import BlockSignature, signatures, unet_parts
 from search_spaces import load_space
 
 ADMIN = "admin-token-for-the-tests-0123456789"
+
+
+def tiny_count() -> int:
+    """How many distinct blocks the tiny space has (what a full table of it holds)."""
+    return len(_tiny_space())
 
 
 def tiny_signatures(batch: int = 2) -> list[dict]:
@@ -120,7 +126,11 @@ def _cli_child(argv: list[str], log: str, env: dict) -> None:
     os.dup2(fd, 2)
     sys.stdout = os.fdopen(1, "w", buffering=1)
     sys.stderr = os.fdopen(2, "w", buffering=1)
-    os.environ.update(env)
+    for key, value in env.items():  # None: unset
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
     from nas.cli import main
 
     try:
@@ -170,11 +180,13 @@ def free_port() -> int:
 
 
 class ServeChild(Child):
-    """`diffnas latency serve` in a forked process, on a fixed port so it can be restarted."""
+    """`diffnas latency serve` in a forked process, on a fixed port so it can be restarted.
 
-    def __init__(self, db: Path, port: int, log: Path, *options: str):
+    With `admin_env` False the server finds or makes its admin token file itself."""
+
+    def __init__(self, db: Path, port: int, log: Path, *options: str, admin_env: bool = True):
         argv = ["latency", "serve", "--db", str(db), "--port", str(port), *options]
-        super().__init__(argv, log, {"DIFFNAS_ADMIN_TOKEN": ADMIN})
+        super().__init__(argv, log, {"DIFFNAS_ADMIN_TOKEN": ADMIN if admin_env else None})
         self.url = f"http://127.0.0.1:{port}"
         end = time.monotonic() + 30
         while True:  # up once /health answers
@@ -186,9 +198,10 @@ class ServeChild(Child):
             if not self.process.is_alive() or time.monotonic() > end:
                 raise AssertionError(f"server did not start:\n{self.output()}")
             time.sleep(0.02)
+        self.admin = ADMIN if admin_env else read_token_file(default_admin_file(db))
 
-    def call(self, method, path, body=None, token=ADMIN, **kw):
-        return call(self.url, method, path, body, token, **kw)
+    def call(self, method, path, body=None, token=None, **kw):
+        return call(self.url, method, path, body, token or self.admin, **kw)
 
 
 def register(server, device: str = "cpu-test", sigs: list[dict] | None = None) -> str:

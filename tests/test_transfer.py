@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 from scipy import stats
-from test_service_support import cache_unet_parts, cli, tiny_blocks
+from test_service_support import cache_unet_parts, cli, tiny_blocks, tiny_count
 
 from latency.backends import Timing
 from latency.jobs import JobStore
@@ -57,12 +57,14 @@ def test_transfer_measures_k_and_predicts_the_rest(table):
         return Timing([b_ms(sig)] * 3, {"fake": True})
 
     report = transfer(table, "cpu-a", "cpu-b", 10, TORCH_CPU, measure)
-    assert len(measured) == 10 and len(report.predicted) == 15
+    rest = tiny_count() - 10
+    assert len(measured) == 10 and len(report.predicted) == rest
     assert {s.kind for s in measured} >= {"resnet", "cross_attention", "concat"}  # spread
     rows = table.rows("cpu-b")
     by_source = {src: {m.signature.hash for m in rows if m.source == src} for src in SOURCES}
     assert by_source["measured"] == {s.hash for s in measured}
-    assert len(by_source["predicted"]) == 15 and not by_source["predicted"] & by_source["measured"]
+    assert len(by_source["predicted"]) == rest
+    assert not by_source["predicted"] & by_source["measured"]
 
     truth = {s.hash: b_ms(s) for s in tiny_blocks()}
     hashes = sorted(report.predicted)
@@ -102,7 +104,7 @@ def test_transfer_errors(table):
         transfer(table, "cpu-a", "cpu-a", 10, TORCH_CPU, None)
     with pytest.raises(UserError, match="at least 2"):
         transfer(table, "cpu-a", "cpu-b", 1, TORCH_CPU, None)
-    with pytest.raises(UserError, match="only 25 measured"):
+    with pytest.raises(UserError, match=f"only {tiny_count()} measured"):
         transfer(table, "cpu-a", "cpu-b", 40, TORCH_CPU, None)
     with pytest.raises(UserError, match="no measurements for device 'nope'"):
         transfer(table, "nope", "cpu-b", 10, TORCH_CPU, None)
@@ -123,7 +125,8 @@ def test_transfer_command_queues_for_agents(table, tmp_path, capsys):
         for j in jobs:
             table.add(Measurement("cpu-c", "torch", "cpu", "fp32", j.signature, [2.0], 2.0, 0.0))
     code, text = cli(*argv, "--queue", "--db", db, capsys=capsys)
-    assert code == 0 and "6 block(s) measured (0 now), 19 filled as `predicted`" in text
+    filled = f"6 block(s) measured (0 now), {tiny_count() - 6} filled as `predicted`"
+    assert code == 0 and filled in text
     argv = ["latency", "transfer", "--from", "cpu-a", "--to", "phone", "--backend", "coreml"]
     code, text = cli(*argv, "--db", db, capsys=capsys)
     assert code == 2 and "Core ML timing needs macOS" in text and "--queue" in text
