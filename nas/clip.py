@@ -19,6 +19,7 @@ import json
 import logging
 import math
 from collections.abc import Callable
+from functools import lru_cache
 from pathlib import Path
 
 import open_clip
@@ -36,6 +37,12 @@ CONFIG_FILE = "open_clip_config.json"  # open_clip's local-dir layout: config + 
 WEIGHTS_FILE = "open_clip_model.safetensors"
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip's defaults
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@lru_cache(maxsize=4)
+def _simple_tokenizer(context_length: int) -> open_clip.SimpleTokenizer:
+    """open_clip's BPE tokenizer, shared: reading its vocabulary takes most of a second."""
+    return open_clip.SimpleTokenizer(context_length=context_length)
 
 
 def clip_score(image_feats: Tensor, text_feats: Tensor) -> Tensor:
@@ -103,7 +110,11 @@ class ClipScorer:
             model_cfg = open_clip.get_model_config(model_name)
         try:
             model = open_clip.create_model(model_name, pretrained=pretrained, device=device)
-            tokenizer = open_clip.get_tokenizer(model_name)
+            text_cfg = (model_cfg or {}).get("text_cfg", {})
+            if "hf_tokenizer_name" in text_cfg or "tokenizer_kwargs" in text_cfg:
+                tokenizer = open_clip.get_tokenizer(model_name)
+            else:  # open_clip's own BPE tokenizer, as get_tokenizer would choose
+                tokenizer = _simple_tokenizer(text_cfg.get("context_length", 77))
         except (RuntimeError, ValueError, OSError) as e:
             raise UserError(f"cannot load open_clip model {model_name}: {e}") from None
         scorer = cls(model, tokenizer, open_clip.get_model_preprocess_cfg(model), device)
@@ -119,7 +130,7 @@ class ClipScorer:
         context = model_cfg["text_cfg"]["context_length"]
         size = model_cfg["vision_cfg"]["image_size"]
         pre = {"size": size, "mean": OPENAI_MEAN, "std": OPENAI_STD, **(preprocess_cfg or {})}
-        scorer = cls(model, open_clip.SimpleTokenizer(context_length=context), pre, device)
+        scorer = cls(model, _simple_tokenizer(context), pre, device)
         scorer.model_cfg = model_cfg
         return scorer
 

@@ -24,14 +24,16 @@ from search_spaces import UserError
 
 SIZE = 32  # image side in pixels
 
-# RGB in [0, 1]; chosen far apart so that a 32x32 CLIP can tell them apart at a glance
+# RGB in [0, 1]; every pair differs by >= 0.6 in some channel, so that a tiny CLIP and a
+# briefly trained UNet tell them apart (with an orange between red and yellow, and a violet
+# purple near blue, generated colours mixed)
 COLOURS: dict[str, tuple[float, float, float]] = {
-    "red": (0.88, 0.10, 0.10),
-    "orange": (1.00, 0.55, 0.05),
+    "red": (0.90, 0.10, 0.10),
     "yellow": (0.95, 0.90, 0.10),
-    "green": (0.10, 0.72, 0.20),
+    "green": (0.10, 0.75, 0.20),
     "blue": (0.15, 0.30, 0.95),
-    "purple": (0.62, 0.18, 0.85),
+    "purple": (0.75, 0.20, 0.85),
+    "white": (0.95, 0.95, 0.95),
 }
 SHAPES = ("circle", "square", "triangle")
 # single-shape positions: phrase -> centre (x, y) in pixels (y grows downwards)
@@ -50,7 +52,7 @@ RELATIONS: dict[str, tuple[str, bool]] = {
     "to the right of": ("horizontal", False),
 }
 BACKGROUND = (0.0, 0.0, 0.0)  # plain black: the shapes carry all the content
-P_SINGLE = 0.3  # share of one-shape scenes among the scenes drawn for training
+P_SINGLE = 0.4  # share of one-shape scenes among the scenes drawn for training
 VAL_FRACTION = 0.1  # share of scene keys held out for validation
 
 
@@ -172,12 +174,14 @@ def train_prompts(seed: int) -> list[str]:
 
 
 def _place_single(rng: random.Random, colour: str, kind: str, position: str) -> tuple[Shape]:
+    # little variation in size and place: captions do not name sizes, and a world with
+    # few ways to draw a caption is learnt in the few steps a CPU build affords
     x, y = POSITIONS[position]
-    r = rng.uniform(4.5, 6.5)
+    r = rng.uniform(5.5, 6.5)
     # jitter along the free axis more than along the named one: "on the left" stays left
-    jx, jy = (1.5, 4.0) if position in ("on the left", "on the right") else (4.0, 1.5)
+    jx, jy = (1.0, 2.5) if position in ("on the left", "on the right") else (2.5, 1.0)
     if position == "in the center":
-        jx = jy = 1.5
+        jx = jy = 1.0
     return (Shape(colour, kind, x + rng.uniform(-jx, jx), y + rng.uniform(-jy, jy), r),)
 
 
@@ -185,10 +189,10 @@ def _place_pair(
     rng: random.Random, lead: tuple[str, str], follow: tuple[str, str], axis: str
 ) -> tuple[Shape, Shape]:
     """`lead` is the top (vertical) or left (horizontal) object."""
-    r1, r2 = rng.uniform(4.0, 5.5), rng.uniform(4.0, 5.5)
-    across = 16.0 + rng.uniform(-4.0, 4.0)  # both shapes near one line across the axis
-    a1, a2 = across + rng.uniform(-1.5, 1.5), across + rng.uniform(-1.5, 1.5)
-    p1, p2 = rng.uniform(7.0, 10.0), rng.uniform(22.0, 25.0)  # along the axis: apart
+    r1, r2 = rng.uniform(4.8, 5.6), rng.uniform(4.8, 5.6)
+    across = 16.0 + rng.uniform(-3.0, 3.0)  # both shapes near one line across the axis
+    a1, a2 = across + rng.uniform(-1.0, 1.0), across + rng.uniform(-1.0, 1.0)
+    p1, p2 = rng.uniform(8.0, 10.0), rng.uniform(22.0, 24.0)  # along the axis: apart
     if axis == "vertical":
         return Shape(*lead, a1, p1, r1), Shape(*follow, a2, p2, r2)
     return Shape(*lead, p1, a1, r1), Shape(*follow, p2, a2, r2)

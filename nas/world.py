@@ -44,7 +44,7 @@ from .train import TrainConfig, train
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1  # bump when the build's code changes what a config produces: old caches go stale
+FORMAT = 2  # bump when the build's code changes what a config produces: old caches go stale
 DEFAULT_STEPS = 20  # DDIM steps of generation and evaluation
 DEFAULT_CFG = 3.0  # classifier-free guidance weight
 
@@ -61,14 +61,14 @@ class TinyWorldConfig:
     clip_layers: int = 3  # transformer layers of each tower
     clip_text_heads: int = 4  # text attention heads (vision: width / 32 heads)
     clip_patch: int = 4  # ViT patch side: 32x32 images -> 8x8 patches
-    clip_steps: int = 400  # contrastive training steps
-    clip_batch: int = 128  # pairs per step (the negatives of each pair)
+    clip_steps: int = 300  # contrastive training steps
+    clip_batch: int = 96  # pairs per step (the negatives of each pair)
     clip_lr: float = 2e-3  # AdamW peak learning rate (warm-up, then cosine decay)
     clip_eval_rounds: int = 4  # image sets drawn for the validation retrieval accuracy
     # -- the UNet (the space's base network, trained robustly) --
     space: str = "tiny"  # search space whose base UNet is trained (built-in name or YAML path)
     unet_steps: int = 800  # robust-training steps
-    unet_batch: int = 32  # images per step
+    unet_batch: int = 24  # images per step
     unet_lr: float = 1e-3  # AdamW learning rate (constant)
     skip_p: float = 0.1  # robust training: probability each removable block is skipped
     cfg_dropout: float = 0.1  # probability a caption is replaced by the empty one (for CFG)

@@ -102,7 +102,7 @@ def test_show_with_slots(capsys, monkeypatch):
     out = capsys.readouterr().out
     for path in load_space("tiny").slots:
         assert path in out
-    assert "parameters, origin: 2,273,516" in out
+    assert "parameters, origin: 1,538,700" in out
 
 
 def test_validate_space_and_arch(capsys, tmp_path):

@@ -61,7 +61,7 @@ def assert_at(message: str, path, line: int) -> None:
 def test_the_good_file_loads(write_yaml):
     space = load_space(write_yaml(GOOD))
     assert list(space.stages) == ["A", "B"]
-    assert sum(s.removable for s in space.slots.values()) == 26
+    assert sum(s.removable for s in space.slots.values()) == 16
 
 
 # -- the file itself ------------------------------------------------------------------------
@@ -191,7 +191,7 @@ def test_slot_in_no_stage(write_yaml, find_line):
         HEAD + STAGES.replace('"down_blocks.0.*"', '"down_blocks.0.resnets.*"') + RULES
     )
     message = load_error(path)
-    assert "in no stage: down_blocks.0.attentions.0, down_blocks.0.attentions.1" in message
+    assert "in no stage: down_blocks.0.attentions.0;" in message
     assert_at(message, path, find_line(path, "stages:"))
 
 
@@ -251,10 +251,10 @@ def test_constraint_on_an_unknown_stage(write_yaml, find_line):
 
 
 def test_original_must_satisfy_the_constraints(write_yaml):
-    path = write_yaml(GOOD + "constraints:\n  - {stage: A, kind: cross_attention, max: 1}\n")
+    path = write_yaml(GOOD + "constraints:\n  - {stage: B, kind: cross_attention, max: 1}\n")
     message = load_error(path)
     assert "original network must satisfy" in message
-    assert "stage A has 2 cross_attention blocks, constraints[0] allows at most 1" in message
+    assert "stage B has 6 cross_attention blocks, constraints[0] allows at most 1" in message
 
 
 # -- pretrained bases -------------------------------------------------------------------------
@@ -368,11 +368,11 @@ def test_too_many_copies(tiny):
 
 def test_constraint_violation(tiny):
     arch = tiny.original()
-    for path in ("down_blocks.0.resnets.0", "down_blocks.0.resnets.1"):
+    for path in ("up_blocks.1.resnets.0", "up_blocks.1.resnets.1"):
         arch = arch.with_multiplicity(path, 0)
     message = arch_error(tiny, arch)
-    assert "stage Down-1 has 0 resnet blocks, constraints[0] needs at least 1" in message
-    assert "down_blocks.0.resnets" not in message  # each removal alone is legal
+    assert "stage Up-1 has 0 resnet blocks, constraints[0] needs at least 1" in message
+    assert "up_blocks.1.resnets" not in message  # each removal alone is legal
 
 
 def test_max_params_budget(tiny, write_yaml):

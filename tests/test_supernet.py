@@ -77,7 +77,7 @@ def test_removed_decoder_resnet_drops_its_skip(tiny):
 def test_copies_start_from_original_weights_and_change_output(tiny):
     space, _, elastic = tiny
     x, t, ctx = _inputs(space)
-    path = "down_blocks.0.attentions.1"
+    path = "down_blocks.0.attentions.0"
     with torch.no_grad():
         before = elastic(x, t, ctx).sample
         elastic.set_architecture(space.original().with_multiplicity(path, 2))
