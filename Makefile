@@ -16,8 +16,10 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev]" $(TORCH)
 	touch $@
 
+# The tiny search: builds (first time, ~10 min on 2 cores) or reuses the tiny world and a CPU
+# latency table, evolves to half the original latency, writes runs/tiny-<time>/report.html.
 run: install
-	$(BIN)/diffnas space show sd15 --arch experiments/snapfusion_sd15.arch.json
+	$(BIN)/diffnas search experiments/tiny.yaml --name tiny-$$(date +%Y%m%d-%H%M%S)
 
 test: install
 	$(BIN)/ruff check .

@@ -46,23 +46,104 @@ def search_cmd(
     name: str = typer.Option(None, "--name", help="Run name (default: the experiment's)."),
     resume: Path = typer.Option(None, "--resume", help="Continue this run directory."),
     runs: Path = typer.Option(Path("runs"), "--runs", help="Where run directories go."),
+    workers: int = typer.Option(
+        None,
+        "--workers",
+        help="Evaluator actors on Ray (default 1: in process, no Ray). See docs/distributed.md.",
+    ),
+    ray_address: str = typer.Option(
+        None, "--ray-address", help="Join this Ray cluster (HOST:PORT) instead of a local one."
+    ),
+    gpus: bool = typer.Option(
+        None, "--gpus/--no-gpus", help="One GPU per Ray actor (default: if the cluster has GPUs)."
+    ),
+    strategy: str = typer.Option(
+        "evolution", "--strategy", help="evolution (the paper's Alg. 1) or optuna (a study)."
+    ),
+    trials: int = typer.Option(
+        None, "--trials", help="optuna: architectures to score (default 40)."
+    ),
+    storage: str = typer.Option(
+        None, "--storage", help="optuna: study database URL (default: the run's study.db)."
+    ),
 ) -> None:
-    """Evolve the architecture to a latency target; write runs/<name>/ and its report."""
+    """Evolve the architecture to a latency target (or, with --strategy optuna, search it with
+    an Optuna study); write runs/<name>/ and its report."""
     from .experiment import load_experiment
     from .search import run_search
 
     if target_ms is not None and target_ratio is not None:
         raise UserError("give --target-ms or --target-ratio, not both")
+    if strategy not in ("evolution", "optuna"):
+        raise UserError(f"--strategy {strategy!r}: choose evolution or optuna")
+    if strategy == "evolution" and (trials is not None or storage is not None):
+        raise UserError("--trials and --storage are options of --strategy optuna")
+    if workers is not None and workers < 1:
+        raise UserError(f"--workers {workers}: give at least 1 (1 evaluates in this process)")
     exp = load_experiment(
         experiment,
         **{"target.ms": target_ms, "target.ratio": target_ratio, "latency.device": device},
+        **{"ray.workers": workers, "ray.address": ray_address, "ray.gpus": gpus},
     )
+    if strategy == "optuna":
+        from .optuna_search import run_optuna
+
+        result = run_optuna(exp, trials, runs=runs, name=name, resume=resume, storage=storage)
+        typer.echo(
+            f"found {result.arch.hash}: {result.latency_ms:.2f} ms (target "
+            f"{result.target_ms:.2f}), CLIP {result.clip:.2f}, {result.iterations} "
+            f"architecture(s) scored\nresults: {result.run_dir / 'optuna.json'}"
+        )
+        return
     result = run_search(exp, runs=runs, name=name, resume=resume)
     typer.echo(
         f"found {result.arch.hash}: {result.latency_ms:.2f} ms (target {result.target_ms:.2f}), "
         f"CLIP {result.clip:.2f}, {result.iterations} iteration(s)\n"
         f"report: {result.run_dir / 'report.html'}"
     )
+
+
+@app.command("sweep")
+def sweep_cmd(
+    experiment: Path = typer.Argument(..., help="Experiment YAML, e.g. experiments/tiny.yaml."),
+    targets: str = typer.Option(
+        None, "--targets", help="Target ratios, comma-separated, e.g. 0.7,0.5,0.3."
+    ),
+    seeds: int = typer.Option(None, "--seeds", help="Seeds per target (default 1)."),
+    name: str = typer.Option(None, "--name", help="Sweep name (default: <experiment>-sweep)."),
+    resume: Path = typer.Option(None, "--resume", help="Continue this sweep directory."),
+    runs: Path = typer.Option(Path("runs"), "--runs", help="Where sweep directories go."),
+    device: str = typer.Option(None, "--device", help="Device of the latency table."),
+    workers: int = typer.Option(
+        None, "--workers", help="Trials at a time, one CPU each (default: this machine's CPUs)."
+    ),
+    ray_address: str = typer.Option(
+        None, "--ray-address", help="Join this Ray cluster (HOST:PORT) instead of a local one."
+    ),
+    gpus: bool = typer.Option(
+        None, "--gpus/--no-gpus", help="One GPU per trial (default: if the cluster has GPUs)."
+    ),
+) -> None:
+    """One evolution per (target, seed) as Ray Tune trials; a results table and a Pareto plot
+    of predicted latency vs CLIP in runs/<name>/."""
+    from .experiment import load_experiment
+    from .sweep import local_cpus, run_sweep
+
+    if resume is None and targets is None:
+        raise UserError("--targets is required (e.g. --targets 0.7,0.5,0.3), unless --resume")
+    if workers is not None and workers < 1:
+        raise UserError(f"--workers {workers}: give at least 1 (trials at a time)")
+    if workers is None and ray_address is None:
+        workers = local_cpus()
+    exp = load_experiment(
+        experiment,
+        **{"latency.device": device, "ray.workers": workers, "ray.address": ray_address},
+        **{"ray.gpus": gpus},
+    )
+    result = run_sweep(
+        exp, targets, seeds if resume is not None else (seeds or 1), runs, name, resume
+    )
+    typer.echo(f"sweep of {len(result.rows)} trial(s): {result.path}")
 
 
 @app.command("report")
@@ -148,6 +229,87 @@ def generate_cmd(
     for p, s in zip(prompt, scores.tolist(), strict=True):
         typer.echo(f"CLIP {s:5.1f}  {p}")
     typer.echo(f"wrote {out}")
+
+
+@app.command("train")
+def train_cmd(
+    experiment: Path = typer.Argument(
+        None, help="Experiment YAML: its world, with its search's batch, lr and seed."
+    ),
+    world: str = typer.Option(
+        None, "--world", help="Or a world, with the settings it was built with: tiny."
+    ),
+    world_config: Path = typer.Option(None, "--world-config", help=WORLD_CONFIG_HELP),
+    steps: int = typer.Option(..., "--steps", help="Robust-training steps."),
+    workers: int = typer.Option(
+        1, "--workers", help="Data-parallel workers on Ray Train (1: in this process, no Ray)."
+    ),
+    ray_address: str = typer.Option(
+        None, "--ray-address", help="Join this Ray cluster (HOST:PORT) instead of a local one."
+    ),
+    batch_size: int = typer.Option(
+        None, "--batch-size", help="Samples per step, split over the workers (default: config's)."
+    ),
+    checkpoint_every: int = typer.Option(
+        None, "--checkpoint-every", help="Checkpoint every N steps (default: config's; 0: end)."
+    ),
+    gpus: bool = typer.Option(
+        None, "--gpus/--no-gpus", help="One GPU per worker (default: if there is one each)."
+    ),
+    out: Path = typer.Option(
+        None, "--out", help="Folder for the trained supernet (default: runs/<name>-supernet)."
+    ),
+    resume: bool = typer.Option(False, "--resume", help="Continue --out from its checkpoint."),
+) -> None:
+    """Robustly train a world's supernet (DDP on Ray Train with --workers N) and save it
+    into --out (ElasticUNet.from_pretrained(out)). See docs/distributed.md."""
+    from .train_ray import check_train_args, train_supernet
+
+    if (experiment is None) == (world is None):
+        raise UserError("give an experiment file or --world tiny (one of them)")
+    if steps < 1 or (batch_size is not None and batch_size < 1):
+        raise UserError("--steps and --batch-size must be at least 1")
+    if checkpoint_every is not None and checkpoint_every < 0:
+        raise UserError(f"--checkpoint-every {checkpoint_every}: give 0 (at the end) or more")
+    check_train_args(workers, ray_address, gpus)  # before a world loads: bad flags fail at once
+    overrides = {"steps": steps, "batch_size": batch_size, "checkpoint_every": checkpoint_every}
+    if experiment is not None:
+        from search_spaces import load_space
+
+        from .experiment import load_experiment
+        from .search import open_world
+
+        if world_config is not None:
+            raise UserError("--world-config goes with --world; the experiment names its world")
+        exp = load_experiment(experiment)
+        the_world = open_world(exp, load_space(exp.space))
+        s = exp.search
+        overrides = {"batch_size": s.batch_size, "lr": s.lr, "seed": exp.seed} | {
+            k: v for k, v in overrides.items() if v is not None
+        }
+        name, source = exp.name, {"experiment": str(experiment)}
+    else:
+        if world != "tiny":
+            raise UserError(f"--world {world!r}: the worlds are: tiny")
+        the_world = _open_world(world_config, None)
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        name, source = world, {"world": world, "world_config": str(world_config or "")}
+    config = the_world.train_config(**overrides)
+    out = out or Path("runs") / f"{name}-supernet"
+    result = train_supernet(
+        the_world,
+        config,
+        out,
+        workers=workers,
+        ray_address=ray_address,
+        use_gpu=gpus,
+        resume=resume,
+        source=source,
+    )
+    typer.echo(
+        f"trained {result.steps} steps ({workers} worker(s), batch {config.batch_size}): "
+        f"loss {result.losses[-1]:.4f}\nsupernet: {out}"
+    )
 
 
 @app.callback()

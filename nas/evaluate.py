@@ -48,6 +48,7 @@ class ActionValue:
     delta_ms: float
     value: float  # delta_clip / delta_ms
     seconds: float  # time spent scoring this action
+    node: str | None = None  # Ray node id that scored it (None: in process; nas.distributed)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -72,14 +73,26 @@ class Evaluator:
         self.uncond = uncond
         self.noise = initial_noise(supernet.space, len(prompts), protocol.seed)
 
-    def scores(self, arch: Architecture) -> torch.Tensor:
-        """Per-image CLIP scores of `arch` (same prompts and noises for every architecture)."""
+    def to(self, device: str | torch.device) -> Evaluator:
+        """Score on `device` (supernet, CLIP and text conditions move; noises are drawn on the
+        CPU and moved per batch by `generate`, so they stay the same on every device)."""
+        self.supernet.to(device)
+        self.clip.to(device)
+        self.context = self.context.to(device)
+        self.text_features = self.text_features.to(device)
+        self.uncond = self.uncond.to(device)
+        return self
+
+    def scores(self, arch: Architecture, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Per-image CLIP scores of `arch` (same prompts and noises for every architecture),
+        of images start..stop (default all): racing (`nas.racing`) scores them in slices."""
         previous = self.supernet.architecture
         self.supernet.set_architecture(arch)
         p, out = self.protocol, []
+        stop = len(self.prompts) if stop is None else min(stop, len(self.prompts))
         try:
-            for i in range(0, len(self.prompts), p.batch_size):
-                sl = slice(i, i + p.batch_size)
+            for i in range(start, stop, p.batch_size):
+                sl = slice(i, min(i + p.batch_size, stop))
                 latents = generate(
                     self.supernet, self.context[sl], self.uncond, self.noise[sl], p.steps, p.cfg
                 )
@@ -131,18 +144,29 @@ class Evaluator:
             after = arch.apply(action)
             clip = self.clip_score(after)
             ms = predictor.predict(after).raw_ms
-            out.append(_value(action, base, clip, base_ms, ms, time.perf_counter() - start))
+            seconds = time.perf_counter() - start
+            out.append(action_value(action, base, clip, base_ms, ms, seconds))
             if progress is not None:
                 progress()
         return out
 
 
-def _value(
-    action: Action, base: float, clip: float, base_ms: float, ms: float, seconds: float
+def action_value(
+    action: Action,
+    base: float,
+    clip: float,
+    base_ms: float,
+    ms: float,
+    seconds: float,
+    node: str | None = None,
 ) -> ActionValue:
+    """The ActionValue of `action` from the CLIP score and raw latency before (`base`,
+    `base_ms`) and after it (`clip`, `ms`); shared by in-process and Ray evaluation."""
     if action.kind == "remove":  # what the block gives and costs
         d_clip, d_ms = base - clip, base_ms - ms
     else:  # what the copy would give and cost
         d_clip, d_ms = clip - base, ms - base_ms
     value = d_clip / d_ms if d_ms > 0 else float("inf")
-    return ActionValue(str(action), action.kind, action.slot, clip, d_clip, d_ms, value, seconds)
+    return ActionValue(
+        str(action), action.kind, action.slot, clip, d_clip, d_ms, value, seconds, node
+    )

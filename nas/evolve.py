@@ -30,6 +30,7 @@ from search_spaces import Action, Architecture, SearchSpace, UserError
 
 from .evaluate import ActionValue, Evaluator
 from .experiment import Experiment
+from .racing import race
 from .supernet import ElasticUNet
 
 log = logging.getLogger(__name__)
@@ -172,7 +173,6 @@ def evolve(
             model.train()
             robust_train(model, s.train_steps, exp.seed * 1000 + it)
         model.eval()
-        base_clip = evaluator.clip_score(arch)
         removals = [a for a in space.actions(arch) if a.kind == "remove"]
         with tqdm(
             total=len(removals),
@@ -180,10 +180,29 @@ def evolve(
             disable=not progress,
             leave=False,
         ) as bar:
-            values = evaluator.evaluate(arch, predictor, ("remove",), base_clip, bar.update)
+            images = None  # images each action was scored on, when racing
+            if exp.evaluation.racing:
+                base = evaluator.scores(arch)
+                base_clip = float(base.mean())
+                race_ = race(
+                    evaluator,
+                    arch,
+                    predictor,
+                    s.group_size,
+                    exp.evaluation.racing,
+                    base=base,
+                    progress=bar.update,
+                )
+                values, images = race_.values, race_.images
+            else:
+                base_clip = evaluator.clip_score(arch)
+                values = evaluator.evaluate(arch, predictor, ("remove",), base_clip, bar.update)
         latency = predictor.predict(arch).total_ms
         if latency > target_ms:
-            decision, changed = "remove", _remove(space, arch, values, s.group_size)
+            decision, changed = (
+                "remove",
+                _remove(space, arch, values, s.group_size, predictor, target_ms),
+            )
         elif s.copy_blocks:
             decision, changed = (
                 "copy",
@@ -203,6 +222,7 @@ def evolve(
             "target_ms": target_ms,
             "clip": base_clip,
             "actions": [v.to_dict() for v in values],
+            "images": images,
             "decision": decision,
             "applied": [str(a) for a in changed],
             "arch_after": after.to_dict(),
@@ -231,12 +251,13 @@ def evolve(
     return _finish(model, evaluator, predictor, run, arch, target_ms, it)
 
 
-def _remove(space, arch, values: list[ActionValue], n: int) -> list[Action]:
-    """The n lowest-value removals, legality re-checked after each."""
+def _remove(space, arch, values: list[ActionValue], n, predictor, target_ms) -> list[Action]:
+    """The n lowest-value removals, legality re-checked after each; the group stops early
+    once the target is met (removing more would only lose CLIP score)."""
     chosen, current = [], arch
     for v in sorted(values, key=lambda v: v.value):
         action = Action("remove", v.slot)
-        if len(chosen) == n:
+        if len(chosen) == n or predictor.predict(current).total_ms <= target_ms:
             break
         if current[v.slot] > 0 and not space.violations(current.apply(action)):
             chosen.append(action)

@@ -24,10 +24,35 @@ class _Strict(BaseModel):
 class WorldSpec(_Strict):
     kind: Literal["tiny", "stable_diffusion"] = "tiny"  # where data, CLIP and weights come from
     miniature: bool = False  # tiny only: a few-step world, for tests
-    pipeline: str | None = None  # stable_diffusion: local diffusers pipeline folder
-    captions: str | None = None  # stable_diffusion: MS-COCO captions_val2014.json
-    clip_model: str = "ViT-g-14"  # stable_diffusion: open_clip model name
-    clip_weights: str | None = None  # stable_diffusion: local open_clip weights file
+    # -- stable_diffusion (nas/sd_world.py): local files, nothing is downloaded --
+    data_dir: str = "."  # folder the relative paths below are read from (relative to the cwd)
+    pipeline: str | None = None  # local diffusers pipeline folder (unet/, vae/, text_encoder/...)
+    captions: str | None = None  # MS-COCO captions_val2014.json: the validation prompts
+    clip_model: str = "ViT-g-14"  # open_clip model name
+    clip_weights: str | None = None  # local open_clip weights file of clip_model
+    resolution: int = Field(512, ge=8)  # image side in pixels; latent side = resolution / 8
+    train_images: str | None = None  # folder of robust-training images (e.g. COCO train2014/)
+    train_captions: str | None = None  # their captions, MS-COCO format (captions_train2014.json)
+    device: str = "cpu"  # torch device of the UNet, VAE, text encoder and CLIP ("cuda", ...)
+
+    @model_validator(mode="after")
+    def _files_of_its_kind(self):
+        sd_keys = ["pipeline", "captions", "clip_weights", "train_images", "train_captions"]
+        if self.kind == "tiny":
+            given = [k for k in sd_keys if getattr(self, k) is not None]
+            if given:
+                raise ValueError(
+                    f"{', '.join(given)}: only for kind stable_diffusion (this world is tiny)"
+                )
+        else:
+            needed = [k for k in ("pipeline", "captions", "clip_weights") if not getattr(self, k)]
+            if needed:
+                raise ValueError(f"kind stable_diffusion needs {', '.join(needed)}")
+            if self.miniature:
+                raise ValueError("miniature: only for kind tiny")
+            if (self.train_images is None) != (self.train_captions is None):
+                raise ValueError("give train_images and train_captions together, or neither")
+        return self
 
 
 class LatencySpec(_Strict):
@@ -66,6 +91,25 @@ class EvaluationSpec(_Strict):
     steps: int = Field(10, ge=1)  # DDIM steps
     cfg: float = Field(3.0, ge=1)  # classifier-free guidance scale
     batch_size: int = Field(32, ge=1)  # images generated at once
+    # > 0: racing (nas/racing.py): every action scored on this many images first, more images
+    # only for the actions near the removal cut; 0: every action on every image
+    racing: int = Field(0, ge=0)
+
+
+class RaySpec(_Strict):
+    """Where actions are evaluated (docs/distributed.md). Not part of the experiment's
+    identity: a run may be resumed with other workers or on another cluster."""
+
+    workers: int = Field(1, ge=1)  # evaluator actors; 1 without an address: in process, no Ray
+    address: str | None = None  # join this Ray cluster (host:port); default: a local instance
+    gpus: bool | None = None  # one GPU per actor; None: when the cluster has GPUs
+    num_cpus: int | None = Field(None, ge=1)  # local instance's CPUs; default: this machine's
+    max_restarts: int = Field(3, ge=0)  # restarts of an actor that dies (its action is re-run)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether evaluation runs on Ray (several workers, or a cluster to join)."""
+        return self.workers > 1 or self.address is not None
 
 
 class Experiment(_Strict):
@@ -76,11 +120,13 @@ class Experiment(_Strict):
     target: TargetSpec
     search: SearchSpec = SearchSpec()
     evaluation: EvaluationSpec = EvaluationSpec()
+    ray: RaySpec = RaySpec()  # how evaluation is spread out (not what is searched)
     seed: int = 0  # seeds training, evaluation noises and everything else
 
     def content_hash(self) -> str:
-        """Identifies the experiment (a resume must continue the same one)."""
-        text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        """Identifies the experiment (a resume must continue the same one); `ray` says only
+        where actions are evaluated, so it is left out."""
+        text = json.dumps(self.model_dump(mode="json", exclude={"ray"}), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -6,7 +6,9 @@ space → latency table (measured here if it lacks blocks) → world (supernet, 
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from functools import partial
 from pathlib import Path
 
 from latency.backends import get_backend
@@ -24,29 +26,80 @@ from .report import write_report
 from .train import train
 
 
+def experiment_space(exp: Experiment) -> SearchSpace:
+    """The space the experiment searches, at the input size its world generates (a Stable
+    Diffusion world's `resolution`; its files are checked here, before anything costly)."""
+    space = load_space(exp.space)
+    if exp.world.kind == "stable_diffusion":
+        from .sd_world import world_space
+
+        space = world_space(exp, space)
+    return space
+
+
 def open_world(exp: Experiment, space: SearchSpace, progress: bool = True):
     """The world the search runs in: supernet, CLIP scorer, prompts, training data."""
     if exp.world.kind == "tiny":
         from .world import TinyWorldConfig, load_tiny_world
 
         config = TinyWorldConfig.miniature() if exp.world.miniature else TinyWorldConfig()
+        if exp.space != config.space:  # the world trains the supernet of the searched space
+            ref = exp.space
+            if ref.endswith((".yaml", ".yml")):  # one world folder whatever the cwd
+                ref = str(Path(ref).resolve())
+            config = dataclasses.replace(config, space=ref)
         world = load_tiny_world(config, progress=progress)
-    else:  # the Stable Diffusion world (local pipeline, MS-COCO captions) is not built yet
-        raise UserError(
-            "world kind 'stable_diffusion' is not available in this version of diffnas; "
-            "use `world: {kind: tiny}`"
-        )
+    else:  # a local Stable Diffusion pipeline, MS-COCO captions, open_clip (nas/sd_world.py)
+        from .sd_world import load_sd_world
+
+        world = load_sd_world(exp, space, progress=progress)
     if world.space.name != space.name or world.space.slots.keys() != space.slots.keys():
         raise UserError(
             f"the {exp.world.kind} world's UNet is space {world.space.name!r}, but the "
             f"experiment searches {space.name!r}; set `space: {world.space.name}`"
         )
+    if tuple(world.space.latent) != tuple(space.latent):
+        raise UserError(
+            f"the {exp.world.kind} world generates {tuple(world.space.latent)} latents, but the "
+            f"space was loaded at {tuple(space.latent)}; load it with experiment_space(exp)"
+        )
     return world
 
 
+def make_evaluator(exp: Experiment, world) -> Evaluator:
+    """The experiment's action evaluator in `world` (its protocol: prompts, seeds, steps...)."""
+    e = exp.evaluation
+    prompts = world.val_prompts[: e.prompts]
+    protocol = Protocol(
+        prompts, seeds=e.seeds, steps=e.steps, cfg=e.cfg, batch_size=e.batch_size, seed=exp.seed
+    )
+    return Evaluator(
+        world.supernet, world.clip, protocol, world.encode_text, world.uncond(), world.decode
+    )
+
+
+def open_evaluator(exp: Experiment) -> Evaluator:
+    """What a Ray evaluator actor builds (`nas.distributed`): the experiment's world, loaded
+    from the cache (the driver built it first), and its evaluator."""
+    return make_evaluator(exp, open_world(exp, experiment_space(exp), progress=False))
+
+
+def ray_evaluator(exp: Experiment, local: Evaluator, cluster):
+    """`local`'s drop-in whose actions are scored on a pool of Ray actors."""
+    from .distributed import RayEvaluator
+
+    if Path(exp.space).is_file():  # a space file: by absolute path, whatever the actor's cwd
+        exp = exp.model_copy(update={"space": str(Path(exp.space).resolve())})
+    return RayEvaluator(local, partial(open_evaluator, exp), cluster)
+
+
+def latency_db(exp: Experiment) -> Path:
+    """The table file of the experiment: `latency.db`, or the cache's shared latency.db."""
+    return Path(exp.latency.db) if exp.latency.db else cache_dir() / "latency.db"
+
+
 def latency_table(exp: Experiment, space: SearchSpace, progress: bool = True):
-    db = Path(exp.latency.db) if exp.latency.db else cache_dir() / "latency.db"
-    table = LatencyTable(db)
+    table = LatencyTable(latency_db(exp))
     if exp.latency.build:
         backend = get_backend(
             exp.latency.backend,
@@ -65,11 +118,35 @@ def run_search(
     resume: Path | None = None,
     progress: bool = True,
 ) -> SearchResult:
+    """Run (or resume) the search of `exp`. With `exp.ray` enabled (several workers or a
+    cluster address) actions are scored on Ray: the connection comes first, so a bad address
+    or missing resources are refused within seconds, and a local instance is stopped at the
+    end (docs/distributed.md)."""
+    cluster = None
+    if exp.ray.enabled and exp.evaluation.racing:
+        raise UserError(
+            "evaluation.racing scores actions in this process; set it to 0 to evaluate on "
+            "Ray workers, or run with one worker and no --ray-address"
+        )
+    if exp.ray.enabled:
+        from .distributed import RayCluster
+
+        cluster = RayCluster.connect(exp.ray)
+    try:
+        return _run_search(exp, runs, name, resume, progress, cluster)
+    finally:
+        if cluster is not None:
+            cluster.close()
+
+
+def _run_search(exp, runs, name, resume, progress, cluster) -> SearchResult:
     start = time.perf_counter()
-    space = load_space(exp.space)
+    space = experiment_space(exp)
     if resume is not None:
         run = RunDir(Path(resume))
         run.check_same(exp)
+        if (run.path / "optuna_run.json").is_file():  # nas.optuna_search's run directory
+            raise UserError(f"{run.path} is a run of --strategy optuna; resume it with that")
     else:
         run = RunDir(runs / (name or exp.name))
         if run.path.exists() and any(run.path.iterdir()):
@@ -90,14 +167,9 @@ def run_search(
             precision=predictor.setting["precision"],
         )
         run.create(exp, space, [m.to_dict() for m in used.values()])
-    e = exp.evaluation
-    prompts = world.val_prompts[: e.prompts]
-    protocol = Protocol(
-        prompts, seeds=e.seeds, steps=e.steps, cfg=e.cfg, batch_size=e.batch_size, seed=exp.seed
-    )
-    evaluator = Evaluator(
-        world.supernet, world.clip, protocol, world.encode_text, world.uncond(), world.decode
-    )
+    evaluator = make_evaluator(exp, world)
+    if cluster is not None:
+        evaluator = ray_evaluator(exp, evaluator, cluster)
     s = exp.search
 
     def robust_train(model, steps: int, seed: int):
@@ -109,9 +181,13 @@ def run_search(
             model, data, config, encode=world.encode_batch, progress=False, uncond=world.uncond()
         )
 
-    result = evolve(
-        exp, world.supernet, evaluator, predictor, robust_train, run, target, progress=progress
-    )
+    try:
+        result = evolve(
+            exp, world.supernet, evaluator, predictor, robust_train, run, target, progress=progress
+        )
+    finally:
+        if cluster is not None:
+            evaluator.close()
     write_report(run.path)
     (run.path / "seconds.txt").write_text(f"{time.perf_counter() - start:.1f}\n")
     table.close()

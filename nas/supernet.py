@@ -224,7 +224,9 @@ def _load_unet(folder: Path) -> UNet2DConditionModel:
             "(the one that holds unet/config.json and its weights)"
         )
     try:
-        return UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+        return UNet2DConditionModel.from_pretrained(
+            folder, subfolder="unet", low_cpu_mem_usage=False
+        )
     except (OSError, ValueError, RuntimeError) as e:
         raise UserError(f"cannot load the UNet weights in {folder / 'unet'}: {e}") from None
 

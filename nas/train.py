@@ -11,6 +11,11 @@ the data order is a permutation per epoch (a pure function of the seed and the s
 and timesteps come from their own generator, CFG dropout from another, skips from the model's.
 A checkpoint saves all of them, so a resumed run ends with the same weights and losses as an
 uninterrupted one.
+
+The same loop runs data-parallel (`nas.train_ray`, one `Parallel` per worker): every worker
+draws the whole batch's indices, noise, timesteps, CFG drops and block skips from the same
+streams and keeps its own slice of the samples, so all workers run one architecture per step
+and the averaged gradients are the ones of the whole batch in one process.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -27,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from torch.utils.data import DataLoader, IterableDataset
@@ -114,6 +121,27 @@ class TrainResult:
     checkpoint: Path | None = None  # the checkpoint folder written last, if any
     ema: Any = None  # the EMAModel when config.ema_decay is set (ema.copy_to(model.parameters()))
     config: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class Parallel:
+    """One worker of a data-parallel run of `train` (`nas.train_ray` makes one per Ray Train
+    worker, inside an initialised `torch.distributed` process group).
+
+    Each worker takes samples [rank * n, (rank + 1) * n) of every batch, n = batch_size /
+    world_size; `wrap` (DDP) averages the gradients, so the update is the whole batch's.
+    """
+
+    rank: int  # this worker's index in [0, world_size); rank 0 shows the progress bar
+    world_size: int  # workers in the run; batch_size must be a multiple of it
+    wrap: Callable[[torch.nn.Module], torch.nn.Module]  # the model as trained, e.g. DDP
+    # called by every worker at each checkpoint step with (step, metrics, write): write(folder)
+    # saves the checkpoint into folder; the hook decides which worker writes and where it goes
+    checkpoint: Callable[[int, dict[str, float], Callable[[Path], Path]], Path | None]
+
+    def shard(self, batch_size: int) -> slice:
+        n = batch_size // self.world_size
+        return slice(self.rank * n, (self.rank + 1) * n)
 
 
 # -- the text/image encoder for real (Stable Diffusion) data ----------------------------------
@@ -222,12 +250,15 @@ class _StepBatches:
     """Indices of the batches of steps [start, stop): each epoch is a seeded permutation.
 
     The batch of a step depends only on (seed, step), so resuming needs no sampler state, and
-    DataLoader workers prefetching ahead cannot shift it.
+    DataLoader workers prefetching ahead cannot shift it. A data-parallel worker reads only its
+    `shard` of each batch.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, start: int, stop: int):
+    def __init__(
+        self, n: int, batch_size: int, seed: int, start: int, stop: int, shard: slice = slice(None)
+    ):
         self.n, self.batch_size, self.seed = n, batch_size, seed
-        self.start, self.stop = start, stop
+        self.start, self.stop, self.shard = start, stop, shard
         self.per_epoch = n // batch_size
 
     def __len__(self) -> int:
@@ -240,11 +271,11 @@ class _StepBatches:
             if e != epoch:
                 g = torch.Generator().manual_seed(_seed(self.seed, e))
                 epoch, perm = e, torch.randperm(self.n, generator=g).tolist()
-            yield perm[k * self.batch_size : (k + 1) * self.batch_size]
+            yield perm[k * self.batch_size : (k + 1) * self.batch_size][self.shard]
 
 
-def _batches(data, config: TrainConfig, start: int) -> Iterable:
-    """Collated batches for steps start..config.steps-1."""
+def _batches(data, config: TrainConfig, start: int, shard: slice = slice(None)) -> Iterable:
+    """Collated batches (this worker's `shard` of each) for steps start..config.steps-1."""
     map_style = hasattr(data, "__len__") and hasattr(data, "__getitem__")
     if map_style and not isinstance(data, IterableDataset):
         if len(data) < config.batch_size:
@@ -252,16 +283,20 @@ def _batches(data, config: TrainConfig, start: int) -> Iterable:
                 f"the dataset has {len(data)} samples, fewer than batch_size="
                 f"{config.batch_size}; lower batch_size or give more data"
             )
-        sampler = _StepBatches(len(data), config.batch_size, config.seed, start, config.steps)
+        sampler = _StepBatches(
+            len(data), config.batch_size, config.seed, start, config.steps, shard
+        )
         return DataLoader(
             data, batch_sampler=sampler, num_workers=config.num_workers, collate_fn=_collate
         )
     if config.num_workers:
         log.warning("num_workers is ignored for an iterable dataset: it is read in-process")
-    return _iterable_batches(data, config.batch_size, start, config.steps)
+    return _iterable_batches(data, config.batch_size, start, config.steps, shard)
 
 
-def _iterable_batches(data, batch_size: int, start: int, stop: int) -> Iterator:
+def _iterable_batches(
+    data, batch_size: int, start: int, stop: int, shard: slice = slice(None)
+) -> Iterator:
     """Batches of an iterable, restarted when it ends. A resumed run skips the items already
     used, so it is reproducible when iterating `data` is."""
 
@@ -283,7 +318,8 @@ def _iterable_batches(data, batch_size: int, start: int, stop: int) -> Iterator:
     for _ in islice(it, start * batch_size):
         pass
     for _ in range(start, stop):
-        yield _collate([next(it) for _ in range(batch_size)])
+        # every worker reads the whole batch (an iterable cannot seek), then keeps its shard
+        yield _collate([next(it) for _ in range(batch_size)][shard])
 
 
 def _check_batch(model: ElasticUNet, x: torch.Tensor, cond: torch.Tensor, encoded: bool) -> None:
@@ -341,17 +377,20 @@ def train(
     data,
     config: TrainConfig | None = None,
     out_dir: str | Path | None = None,
-    resume: bool = False,
+    resume: bool | str | Path = False,
     encode: Callable[[Any, Any], tuple[torch.Tensor, torch.Tensor]] | None = None,
     progress: bool = True,
     uncond: torch.Tensor | None = None,
+    parallel: Parallel | None = None,
 ) -> TrainResult:
     """Train `model` robustly on `data` (items (latent, context), or raw items for `encode`).
 
     `out_dir` receives `checkpoint/` (every `checkpoint_every` steps and at the end) and, with
     EMA, `ema/` (the model with its EMA weights). `resume=True` continues from
-    `out_dir/checkpoint/` up to `config.steps`. `uncond` is the unconditional context for CFG
-    dropout; default: `encode.unconditional()` if the encoder has one, else zeros.
+    `out_dir/checkpoint/` up to `config.steps` (a folder instead of True: from that checkpoint
+    folder). `uncond` is the unconditional context for CFG dropout; default:
+    `encode.unconditional()` if the encoder has one, else zeros. `parallel` makes this call one
+    worker of a data-parallel run: checkpoints then go through `parallel.checkpoint`.
     """
     config = config or TrainConfig()
     config.check()
@@ -359,14 +398,23 @@ def train(
     t0 = time.perf_counter()
     out_dir = Path(out_dir) if out_dir is not None else None
     ckpt_dir = out_dir / CHECKPOINT_DIR if out_dir is not None else None
-    if resume and (ckpt_dir is None or not (ckpt_dir / STATE_NAME).is_file()):
+    resume_dir = ckpt_dir if resume is True else Path(resume) if resume else None
+    if resume and (resume_dir is None or not (resume_dir / STATE_NAME).is_file()):
         raise UserError(
-            f"resume=True, but there is no checkpoint to resume from "
-            f"({ckpt_dir / STATE_NAME if ckpt_dir else 'no out_dir given'}); "
+            f"resume={resume!r}, but there is no checkpoint to resume from "
+            f"({resume_dir / STATE_NAME if resume_dir else 'no out_dir given'}); "
             "run once without resume, or pass the out_dir of an earlier run"
         )
+    shard = slice(None)  # the samples of each batch this process trains on: all of them
+    if parallel is not None:
+        if config.batch_size % parallel.world_size:
+            raise UserError(
+                f"batch_size={config.batch_size} cannot be split evenly over "
+                f"{parallel.world_size} workers; give a multiple of {parallel.world_size}"
+            )
+        shard = parallel.shard(config.batch_size)
 
-    state = _load_checkpoint(model, ckpt_dir, config) if resume else None
+    state = _load_checkpoint(model, resume_dir, config) if resume_dir else None
     model.to(device)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay
@@ -424,42 +472,56 @@ def train(
         enabled=device.type == "cuda" and config.mixed_precision != "no",
     )
 
-    def save(step: int) -> Path:
-        return _save_checkpoint(
-            ckpt_dir,
-            model,
-            config,
-            step=step,
-            losses=losses,
-            skips=skips,
-            optimizer=optimizer,
-            scaler=scaler if fp16 else None,
-            ema=ema,
-            rng={"cfg": cfg_gen.get_state(), "noise": noise_gen.get_state()},
-        )
+    def save(step: int) -> Path | None:
+        def write(folder: Path) -> Path:
+            return _save_checkpoint(
+                folder,
+                model,
+                config,
+                step=step,
+                losses=losses,
+                skips=skips,
+                optimizer=optimizer,
+                scaler=scaler if fp16 else None,
+                ema=ema,
+                rng={"cfg": cfg_gen.get_state(), "noise": noise_gen.get_state()},
+            )
+
+        if parallel is not None:
+            return parallel.checkpoint(step, {"step": step, "loss": losses[-1]}, write)
+        return write(ckpt_dir)
 
     was_training = model.training
     model.train()
+    # a data-parallel worker runs the model through DDP, which averages the gradients
+    runner = parallel.wrap(model) if parallel is not None else model
     params = [p for p in model.parameters() if p.requires_grad]
-    checkpoint = ckpt_dir if resume else None
-    saved_at = start if resume else None  # the step the checkpoint on disk holds
+    checkpoints = parallel is not None or ckpt_dir is not None
+    checkpoint = resume_dir
+    saved_at = start if resume_dir else None  # the step the latest checkpoint holds
     bar = tqdm(
-        total=config.steps, initial=start, disable=not progress, desc="robust training", unit="step"
+        total=config.steps,
+        initial=start,
+        disable=not progress or (parallel is not None and parallel.rank != 0),
+        desc="robust training",
+        unit="step",
     )
     step = start
     try:
-        for step, (x, cond) in enumerate(_batches(data, config, start), start + 1):
+        for step, (x, cond) in enumerate(_batches(data, config, start, shard), start + 1):
             if encode is not None:
                 x, cond = encode(x, cond)
             _check_batch(model, x, cond, encode is not None)
             x = x.to(device, torch.float32)
             cond = cond.to(device, torch.float32)
-            cond = _cfg_dropout(cond, uncond, config.cfg_dropout, cfg_gen)
+            batch = config.batch_size
+            cond = _cfg_dropout(cond, uncond, config.cfg_dropout, cfg_gen, batch, shard)
 
-            # drawn on the CPU from a seeded generator: the same run on any device
-            noise = torch.randn(x.shape, generator=noise_gen).to(device)
-            t = torch.randint(0, config.num_train_timesteps, (x.shape[0],), generator=noise_gen)
-            t = t.to(device)
+            # drawn on the CPU from a seeded generator: the same run on any device; drawn for
+            # the whole batch, so a data-parallel worker's shard gets what one process would
+            noise = torch.randn((batch, *x.shape[1:]), generator=noise_gen)[shard].to(device)
+            t = torch.randint(0, config.num_train_timesteps, (batch,), generator=noise_gen)
+            t = t[shard].to(device)
             noisy = scheduler.add_noise(x, noise, t)
             target = (
                 noise
@@ -467,8 +529,12 @@ def train(
                 else scheduler.get_velocity(x, noise, t)
             )
             with autocast:
-                pred = model(noisy, t, encoder_hidden_states=cond).sample
+                pred = runner(noisy, t, encoder_hidden_states=cond).sample
             loss = F.mse_loss(pred.float(), target.float())
+            batch_loss = loss.detach()
+            if parallel is not None and parallel.world_size > 1:
+                # the mean of equal shards' means: the whole batch's loss
+                batch_loss = _batch_loss_over_workers(batch_loss, model.last_skipped)
 
             optimizer.zero_grad(set_to_none=True)  # skipped blocks get no grad, no update
             scaler.scale(loss).backward()
@@ -480,16 +546,16 @@ def train(
             if ema is not None:
                 ema.step(model.parameters())
 
-            losses.append(loss.item())
+            losses.append(batch_loss.item())
             skips.update(model.last_skipped)
             bar.set_postfix(
                 loss=f"{losses[-1]:.4f}", skipped=len(model.last_skipped), refresh=False
             )
             bar.update(1)
             every = config.checkpoint_every
-            if ckpt_dir is not None and every and step % every == 0:
+            if checkpoints and every and step % every == 0:
                 checkpoint, saved_at = save(step), step
-        if ckpt_dir is not None and saved_at != step:
+        if checkpoints and saved_at != step:
             checkpoint = save(step)
         if ema is not None and out_dir is not None:
             _save_ema(model, ema, out_dir / EMA_DIR)
@@ -508,14 +574,39 @@ def train(
     )
 
 
+def _batch_loss_over_workers(loss: torch.Tensor, skipped: list[tuple[str, int]]) -> torch.Tensor:
+    """The mean of the workers' losses, after checking that every worker skipped the same
+    blocks in this step: DDP must see one architecture, or it would average the gradients of
+    different networks (and a block skipped on one worker only would get half its gradient)."""
+    fingerprint = zlib.crc32(repr(skipped).encode())  # < 2**32: exact in float64
+    mine = torch.stack([loss.double(), loss.new_tensor(fingerprint, dtype=torch.float64)])
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, mine)
+    every = torch.stack(gathered)
+    if not bool((every[:, 1] == fingerprint).all()):
+        raise RuntimeError(
+            "the workers skipped different blocks in one step; their skip generators must be "
+            "seeded alike (train() seeds them from config.seed, never from the rank)"
+        )
+    return every[:, 0].mean()
+
+
 def _cfg_dropout(
-    cond: torch.Tensor, uncond: torch.Tensor | None, p: float, generator: torch.Generator
+    cond: torch.Tensor,
+    uncond: torch.Tensor | None,
+    p: float,
+    generator: torch.Generator,
+    batch_size: int | None = None,
+    shard: slice = slice(None),
 ) -> torch.Tensor:
     """Replace each sample's condition by the unconditional one with probability p.
 
-    The draw is made even when p is 0 or 1, so the stream advances the same in every run.
+    The draw is made even when p is 0 or 1, so the stream advances the same in every run. It
+    is made for the whole batch (`batch_size`, default: cond's) and cut to this worker's
+    `shard` of it.
     """
-    drop = (torch.rand(cond.shape[0], generator=generator) < p).to(cond.device)
+    n = cond.shape[0] if batch_size is None else batch_size
+    drop = (torch.rand(n, generator=generator) < p)[shard].to(cond.device)
     if uncond is None:
         uncond = torch.zeros_like(cond[0])
     uncond = uncond.to(cond.device, cond.dtype)
@@ -625,4 +716,4 @@ def _save_ema(model: ElasticUNet, ema, folder: Path) -> None:
         ema.restore(model.parameters())
 
 
-__all__ = ["LatentEncoder", "TrainConfig", "TrainResult", "train"]
+__all__ = ["LatentEncoder", "Parallel", "TrainConfig", "TrainResult", "train"]

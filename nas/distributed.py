@@ -1,0 +1,408 @@
+"""Action evaluation on Ray: a pool of evaluator actors (docs/distributed.md).
+
+Scoring an action means generating images with the supernet in the architecture after the
+action and CLIP-scoring them: hours per action on Stable Diffusion, and every action of an
+iteration is independent. `RayEvaluator` spreads them over a pool of Ray actors, each of which
+holds its own copy of the world (CLIP scorer, text conditions and features, initial noises,
+supernet: an `Evaluator` built by a small picklable recipe, e.g. `open_evaluator(exp)`), on
+one GPU when the cluster has GPUs and on one CPU with one torch thread otherwise.
+
+Per iteration the supernet's weights go into the object store once (`ray.put`); every task
+carries the weights' version, and an actor whose copy is older loads them first (so a
+restarted actor catches up by itself). An actor scores `Evaluator.clip_score(arch.apply(a))`,
+exactly what the in-process evaluator does; the driver turns scores into `ActionValue`s with
+the same `action_value`, so the values equal in-process evaluation's to float tolerance.
+
+An actor that dies mid-evaluation (its process killed) is restarted by Ray (up to
+`max_restarts` times) and the action it was scoring is run again there; an actor gone for good
+(past its restarts, its node lost) has its action sent to another actor.
+
+`RayEvaluator` has the in-process `Evaluator`'s interface (`evaluate`, `clip_score`, `images`,
+`prompts`), so the evolution runs on either unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from latency.predict import Predictor
+from search_spaces import Architecture, UserError
+
+from .evaluate import ActionValue, Evaluator, action_value
+from .experiment import RaySpec
+
+log = logging.getLogger(__name__)
+
+PROBE_TIMEOUT_S = 3.0  # a cluster address that accepts no connection in this long is refused
+ENV_FORWARDED = ("DIFFNAS_CACHE",)  # driver environment an actor needs to find the world
+
+
+# -- the cluster ---------------------------------------------------------------------------------
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """host and port of a Ray address: HOST:PORT, or ray://HOST:PORT (Ray Client)."""
+    rest = address.removeprefix("ray://")
+    host, sep, port = rest.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UserError(
+            f"--ray-address {address!r}: give the head node's HOST:PORT (e.g. head:6379, the "
+            "port `ray start --head` printed), or ray://HOST:PORT for Ray Client"
+        )
+    return host, int(port)
+
+
+def probe(address: str, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """Refuse an address that nothing listens on, within `timeout` seconds (ray.init itself
+    would retry for minutes)."""
+    host, port = parse_address(address)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        reason = "timed out" if isinstance(e, TimeoutError) else (e.strerror or str(e))
+        raise UserError(
+            f"cannot reach a Ray cluster at {address} ({reason} after at most {timeout:g} s); "
+            "start one with `ray start --head --port PORT` on the head node, check the "
+            "address and firewall, or leave out --ray-address to use a local Ray instance"
+        ) from None
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return socket.inet_aton(host)[0] == 127
+    except OSError:
+        return False
+
+
+class RayCluster:
+    """A connection to Ray for the search: a local instance it starts (and stops at `close`)
+    or an existing cluster it joins (and only leaves at `close`)."""
+
+    def __init__(self, spec: RaySpec):
+        self.spec = spec
+        self.owned = False  # True: this started the Ray instance and shuts it down
+        self.joined = False  # True: this connected the driver (and disconnects it)
+        self.use_gpu = False
+
+    @classmethod
+    def connect(cls, spec: RaySpec) -> RayCluster:
+        """Connect (probing a given address first), then check the cluster can hold
+        `spec.workers` actors. Every refusal is a UserError within seconds."""
+        import ray
+
+        cluster = cls(spec)
+        if spec.address is not None:
+            probe(spec.address)
+        if spec.gpus and spec.address is None and not torch.cuda.is_available():
+            raise UserError(
+                "GPUs were requested (--gpus / ray.gpus: true) but this machine has none "
+                "that torch can use; leave out --gpus to evaluate on CPUs, or give the "
+                "--ray-address of a cluster with GPUs"
+            )
+        if ray.is_initialized():  # the caller's Ray (a test, a notebook): use it as it is
+            log.info("using the Ray instance this process is already connected to")
+        elif spec.address is not None:
+            host, _ = parse_address(spec.address)
+            kwargs = {}
+            if _is_loopback(host) and not spec.address.startswith("ray://"):
+                kwargs["_node_ip_address"] = host  # the driver is on that (loopback) node
+            try:
+                ray.init(address=spec.address, log_to_driver=False, **kwargs)
+            except Exception as e:  # ConnectionError, AuthenticationError, RuntimeError...
+                raise UserError(
+                    f"cannot join the Ray cluster at {spec.address}: {e}. If the cluster uses "
+                    "token authentication, set RAY_AUTH_MODE=token and give its token "
+                    "(RAY_AUTH_TOKEN or ~/.ray/auth_token)"
+                ) from None
+            cluster.joined = True
+        else:
+            cpus = spec.num_cpus or os.cpu_count() or 1
+            ray.init(
+                address="local",
+                num_cpus=cpus,
+                include_dashboard=False,
+                log_to_driver=False,
+                configure_logging=False,
+            )
+            cluster.owned = cluster.joined = True
+        try:
+            cluster._check_resources()
+        except BaseException:
+            cluster.close()
+            raise
+        return cluster
+
+    def _check_resources(self) -> None:
+        import ray
+
+        spec, total = self.spec, ray.cluster_resources()
+        gpus, cpus = int(total.get("GPU", 0)), int(total.get("CPU", 0))
+        where = f"the Ray cluster at {spec.address}" if spec.address else "the Ray instance"
+        if spec.gpus and gpus == 0:
+            raise UserError(
+                f"GPUs were requested (--gpus / ray.gpus: true) but {where} has none; leave "
+                "out --gpus to evaluate on CPUs"
+            )
+        self.use_gpu = gpus > 0 if spec.gpus is None else spec.gpus
+        if self.use_gpu and spec.workers > gpus:
+            raise UserError(
+                f"{spec.workers} workers need one GPU each, but {where} has {gpus}; give "
+                f"--workers {gpus}, or --no-gpus to evaluate on CPUs"
+            )
+        if not self.use_gpu and spec.workers > cpus:
+            raise UserError(
+                f"{spec.workers} workers need one CPU each, but {where} has {cpus}; give "
+                f"--workers {max(cpus, 1)}"
+                + ("" if spec.address else ", or a larger local instance with ray.num_cpus")
+            )
+
+    def close(self) -> None:
+        import ray
+
+        if self.joined and ray.is_initialized():
+            ray.shutdown()  # a joined cluster keeps running: this only disconnects
+        self.joined = self.owned = False
+
+
+def _short(error: BaseException, lines: int = 30) -> str:
+    """The end of an error's text (a Ray actor error holds the actor's whole traceback)."""
+    text = str(error).strip().splitlines()
+    return "\n".join(text[-lines:])
+
+
+# -- the actors ----------------------------------------------------------------------------------
+
+
+class EvaluatorActor:
+    """One worker of the pool (made a Ray actor by `RayEvaluator`): an `Evaluator` of its own,
+    built from the recipe, and the supernet weights of the version last asked for."""
+
+    def __init__(
+        self, recipe: Callable[[], Evaluator], env: dict[str, str], gpu: bool, threads: int
+    ):
+        os.environ.update(env)
+        if threads:
+            torch.set_num_threads(threads)
+        self.evaluator = recipe()
+        if gpu:
+            self.evaluator.to("cuda")
+        self.version = -1
+
+    def where(self) -> dict:
+        import ray
+
+        ctx = ray.get_runtime_context()
+        return {"node": ctx.get_node_id(), "pid": os.getpid(), "threads": torch.get_num_threads()}
+
+    def score(self, version: int, weights: list, arch: Architecture) -> tuple[float, float, str]:
+        """(CLIP score of `arch`, seconds, node id) with the weights of `version`."""
+        import ray
+
+        start = time.perf_counter()
+        if version != self.version:
+            counts, state = ray.get(weights[0])  # in a list: Ray does not fetch it for us
+            supernet = self.evaluator.supernet
+            supernet.ensure_copies(counts)
+            supernet.load_state_dict(state)
+            self.version = version
+        clip = self.evaluator.clip_score(arch)
+        return clip, time.perf_counter() - start, ray.get_runtime_context().get_node_id()
+
+
+@dataclass
+class Placement:
+    """Where one action was scored (for logs and tests)."""
+
+    action: str
+    node: str
+    attempts: int  # sent this many times (Ray's own retries on a restarted actor not counted)
+
+
+class RayEvaluator:
+    """Drop-in for `Evaluator` whose scoring runs on a pool of Ray actors.
+
+    `local` is the driver's evaluator: its supernet is the one the search trains (its weights
+    are shipped to the actors), and it draws the final image grids. `recipe()` builds an
+    equivalent `Evaluator` in each actor (it must be picklable: a module-level function or a
+    `functools.partial` of one).
+    """
+
+    def __init__(
+        self,
+        local: Evaluator,
+        recipe: Callable[[], Evaluator],
+        cluster: RayCluster,
+    ):
+        import ray
+
+        self.local, self.cluster = local, cluster
+        spec = cluster.spec
+        self.max_restarts = spec.max_restarts
+        resources = {"num_gpus": 1} if cluster.use_gpu else {"num_cpus": 1}
+        actor_class = ray.remote(EvaluatorActor).options(
+            max_restarts=spec.max_restarts, max_task_retries=spec.max_restarts, **resources
+        )
+        env = {k: os.environ[k] for k in ENV_FORWARDED if k in os.environ}
+        threads = 0 if cluster.use_gpu else 1
+        # created now, loading their worlds while the driver goes on (e.g. trains)
+        self.actors = [
+            actor_class.remote(recipe, env, cluster.use_gpu, threads) for _ in range(spec.workers)
+        ]
+        self.dead: set[int] = set()  # actors gone for good (past their restarts)
+        self.placements: list[Placement] = []  # of the last evaluate()
+        self._version, self._fingerprint, self._weights = -1, None, None
+
+    # -- the Evaluator interface ---------------------------------------------------------------
+
+    @property
+    def prompts(self) -> list[str]:
+        return self.local.prompts
+
+    @property
+    def supernet(self):
+        return self.local.supernet
+
+    def images(self, arch: Architecture, n: int) -> torch.Tensor:
+        return self.local.images(arch, n)
+
+    def clip_score(self, arch: Architecture) -> float:
+        """CLIP score of `arch`, on an actor (the same device as the actions' scores)."""
+        return self._run([arch])[0][0]
+
+    def evaluate(
+        self,
+        arch: Architecture,
+        predictor: Predictor,
+        kinds=("remove",),
+        base_clip: float | None = None,
+        progress=None,
+    ) -> list[ActionValue]:
+        """ΔCLIP, ΔLatency and value of every legal action of `kinds` from `arch`, the actions
+        scored in parallel on the pool; as `Evaluator.evaluate`, in the same order."""
+        space = self.local.supernet.space
+        actions = [a for a in space.actions(arch) if a.kind in kinds]
+        archs = [arch.apply(a) for a in actions]
+        if base_clip is None:
+            actions, archs = [None, *actions], [arch, *archs]
+        first = 0 if base_clip is not None else 1  # progress counts actions, as in process
+        done = None if progress is None else (lambda i: progress() if i >= first else None)
+        scores = self._run(archs, done, [str(a) if a else "the architecture" for a in actions])
+        if base_clip is None:
+            base_clip, scores, actions, archs = scores[0][0], scores[1:], actions[1:], archs[1:]
+        base_ms = predictor.predict(arch).raw_ms
+        return [
+            action_value(a, base_clip, clip, base_ms, predictor.predict(after).raw_ms, sec, node)
+            for a, after, (clip, sec, node) in zip(actions, archs, scores, strict=True)
+        ]
+
+    # -- the pool ------------------------------------------------------------------------------
+
+    def nodes(self) -> list[dict]:
+        """Each actor's node id, process id and torch threads (starts them if need be)."""
+        import ray
+
+        return ray.get([a.where.remote() for a in self.actors])
+
+    def _sync_weights(self) -> None:
+        """Put the driver's supernet weights in the object store if they changed since the
+        last time (once per iteration: training changes them, evaluation does not)."""
+        import ray
+
+        supernet = self.local.supernet
+        state = supernet.state_dict()
+        counts = supernet.copy_counts()
+        # a checksum of the contents (tensor version counters would miss fused optimizers)
+        with torch.no_grad():
+            sums = [v.detach().double().sum() for v in state.values()]
+        fingerprint = (
+            tuple(sorted(counts.items())),
+            tuple(state),
+            torch.stack(sums).cpu().numpy().tobytes() if sums else b"",
+        )
+        if fingerprint == self._fingerprint:
+            return
+        cpu = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+        self._weights = ray.put((counts, cpu))
+        self._version += 1
+        self._fingerprint = fingerprint
+
+    def _run(self, archs: list[Architecture], done=None, labels=None) -> list[tuple]:
+        """(clip, seconds, node) of each architecture, scored on the pool (`done(i)` after the
+        i-th): one task per actor at a time, the next handed to whichever finishes first. Ray
+        restarts an actor that died and re-runs its task there (max_restarts,
+        max_task_retries); a task whose actor is gone for good (past its restarts, its node
+        lost) is sent to another actor."""
+        import ray
+        from ray.exceptions import ActorDiedError, RayActorError
+
+        self._sync_weights()
+        labels = labels or [str(a.hash) for a in archs]
+        queue = deque(range(len(archs)))
+        results: list[tuple | None] = [None] * len(archs)
+        attempts = [0] * len(archs)
+        running: dict = {}  # ObjectRef -> (index, actor)
+        limit = (self.max_restarts + 2) * len(self.actors)  # tries of one action at most
+
+        def submit(actor: int) -> None:
+            if queue and actor not in self.dead:
+                i = queue.popleft()
+                attempts[i] += 1
+                ref = self.actors[actor].score.remote(self._version, [self._weights], archs[i])
+                running[ref] = (i, actor)
+
+        for actor in range(len(self.actors)):
+            submit(actor)
+        while running:
+            [ref], _ = ray.wait(list(running), num_returns=1)
+            i, actor = running.pop(ref)
+            try:
+                results[i] = ray.get(ref)
+            except RayActorError as e:
+                gone = isinstance(e, ActorDiedError)
+                if gone:
+                    self.dead.add(actor)
+                log.warning(
+                    "evaluator actor %d failed while scoring %s (%s); %s",
+                    actor,
+                    labels[i],
+                    type(e).__name__,
+                    "it is gone: its action goes to another actor" if gone else "retrying",
+                )
+                if len(self.dead) == len(self.actors) or attempts[i] >= limit:
+                    raise UserError(
+                        f"the evaluator actors died while scoring {labels[i]} (max_restarts="
+                        f"{self.max_restarts} each); go on with --resume once the cause is "
+                        f"fixed. The last one's error:\n{_short(e)}"
+                    ) from e
+                queue.appendleft(i)
+                busy = {a for _, a in running.values()}
+                for other in [actor, *range(len(self.actors))]:  # an idle live actor takes it
+                    if other not in busy and other not in self.dead:
+                        submit(other)
+                        break
+                continue
+            submit(actor)  # first: the actor works on while the driver reports
+            if done is not None:
+                done(i)
+        self.placements = [
+            Placement(labels[i], results[i][2], attempts[i]) for i in range(len(archs))
+        ]
+        return results
+
+    def close(self) -> None:
+        """Stop the actors (the cluster connection is `RayCluster.close`'s)."""
+        import ray
+
+        if ray.is_initialized():
+            for actor in self.actors:
+                ray.kill(actor)
+        self.actors, self._weights = [], None
