@@ -44,9 +44,10 @@ def _progress(history, result, path):
     ax2.plot(its, [h["clip"] for h in history], "s-", color="C3", label="CLIP")
     ax2.set_ylabel("CLIP score", color="C3")
     ax.set_xticks(its)
-    fig.legend(loc="upper right", fontsize=8)
     ax.set_title("latency and CLIP score per iteration", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    # below the axes: inside them it hides points or tick labels
+    fig.legend(loc="lower center", ncol=3, fontsize=8, frameon=False)
     fig.savefig(path)
     plt.close(fig)
 

@@ -25,14 +25,14 @@ RESULTS = HERE / "results"
 
 # script -> flags of the 30-minute run (the world is built first: the others reuse it)
 BENCHMARKS: dict[str, list[str]] = {
-    "tiny_world": [],
+    "tiny_world": ["--threads", "1"],
     "supernet_overhead": ["--threads", "1"],
-    "latency_accuracy": ["--samples", "20", "--block-repeats", "10", "--net-repeats", "5"],
+    "latency_accuracy": [],
     "latency_transfer": [],
     "search_fidelity": [],
     "eval_cost": [],
     "ray_scaling": [],
-    "strategy_compare": [],
+    "strategy_compare": ["--threads", "1"],
 }
 
 
