@@ -3,10 +3,12 @@
 Each script measures its ratios side by side in one run, writes its JSON under
 experiments/benchmarks/results/ and prints `name: value` as its last line; this driver
 collects those lines into results/summary.json and results/summary.md (with the command
-and wall time of each). The default flags keep the whole run within about 30 minutes on
-2 CPU cores; `--full` uses each script's own defaults (longer, see each script's --help).
+and wall time of each). With these flags the whole run takes about an hour on 2 CPU cores
+(estimated from the scripts' separate runs: latency_accuracy ~18 min, eval_cost ~9 min,
+ray_scaling ~6 min, the rest ~5 min each); pick some with --only. `--full` uses each
+script's own defaults.
 
-    python experiments/benchmarks/run_all.py                 # all, about 30 min
+    python experiments/benchmarks/run_all.py                 # all, about an hour
     python experiments/benchmarks/run_all.py --only tiny_world,eval_cost
 """
 
@@ -23,7 +25,7 @@ from pathlib import Path
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
 
-# script -> flags of the 30-minute run (the world is built first: the others reuse it)
+# script -> flags (the world is built first: the others reuse it)
 BENCHMARKS: dict[str, list[str]] = {
     "tiny_world": ["--threads", "1"],
     "supernet_overhead": ["--threads", "1"],
