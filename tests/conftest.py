@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -18,6 +20,29 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def experiment_env():
+    """`with experiment_env(tmp_path_factory, name, experiment) as (root, exp_file)`: a
+    fresh folder with its own DIFFNAS_CACHE, the experiment written to root/mini.yaml with
+    its latency table at root/lat.db (for module-scoped fixtures, which cannot use
+    monkeypatch)."""
+
+    @contextmanager
+    def env(factory, name: str, experiment: dict) -> Iterator[tuple[Path, Path]]:
+        root = factory.mktemp(name)
+        mp = pytest.MonkeyPatch()
+        mp.setenv("DIFFNAS_CACHE", str(root / "cache"))
+        exp_file = root / "mini.yaml"
+        latency = {**experiment["latency"], "db": str(root / "lat.db")}
+        exp_file.write_text(yaml.safe_dump({**experiment, "latency": latency}))
+        try:
+            yield root, exp_file
+        finally:
+            mp.undo()
+
+    return env
 
 
 @pytest.fixture

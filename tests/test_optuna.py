@@ -7,7 +7,6 @@ import os
 
 import optuna
 import pytest
-import yaml
 
 from nas.cli import main
 from nas.evaluate import Evaluator
@@ -32,15 +31,9 @@ EXPERIMENT = {
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    root = tmp_path_factory.mktemp("optuna")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("DIFFNAS_CACHE", str(root / "cache"))
-    exp_file = root / "mini.yaml"
-    data = {**EXPERIMENT, "latency": {**EXPERIMENT["latency"], "db": str(root / "lat.db")}}
-    exp_file.write_text(yaml.safe_dump(data))
-    yield root, exp_file, f"sqlite:///{root / 'study.db'}"
-    mp.undo()
+def env(tmp_path_factory, experiment_env):
+    with experiment_env(tmp_path_factory, "optuna", EXPERIMENT) as (root, exp_file):
+        yield root, exp_file, f"sqlite:///{root / 'study.db'}"
 
 
 @pytest.fixture(scope="module")

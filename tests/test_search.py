@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import yaml
 
 from nas.evolve import RunDir
 from nas.experiment import load_experiment
@@ -23,15 +22,9 @@ EXPERIMENT = {
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    root = tmp_path_factory.mktemp("search")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("DIFFNAS_CACHE", str(root / "cache"))
-    exp_file = root / "mini.yaml"
-    data = {**EXPERIMENT, "latency": {**EXPERIMENT["latency"], "db": str(root / "lat.db")}}
-    exp_file.write_text(yaml.safe_dump(data))
-    yield root, exp_file
-    mp.undo()
+def env(tmp_path_factory, experiment_env):
+    with experiment_env(tmp_path_factory, "search", EXPERIMENT) as (root, exp_file):
+        yield root, exp_file
 
 
 @pytest.fixture(scope="module")

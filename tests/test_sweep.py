@@ -10,7 +10,6 @@ import sys
 import time
 
 import pytest
-import yaml
 
 from nas.cli import main
 from nas.experiment import load_experiment
@@ -31,15 +30,9 @@ TARGETS = [0.9, 0.8]
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sweep")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("DIFFNAS_CACHE", str(root / "cache"))
-    exp_file = root / "mini.yaml"
-    data = {**EXPERIMENT, "latency": {**EXPERIMENT["latency"], "db": str(root / "lat.db")}}
-    exp_file.write_text(yaml.safe_dump(data))
-    yield root, exp_file
-    mp.undo()
+def env(tmp_path_factory, experiment_env):
+    with experiment_env(tmp_path_factory, "sweep", EXPERIMENT) as (root, exp_file):
+        yield root, exp_file
 
 
 def _wait_for(predicate, proc, seconds):
