@@ -71,7 +71,13 @@ def make_evaluator(exp: Experiment, world) -> Evaluator:
     e = exp.evaluation
     prompts = world.val_prompts[: e.prompts]
     protocol = Protocol(
-        prompts, seeds=e.seeds, steps=e.steps, cfg=e.cfg, batch_size=e.batch_size, seed=exp.seed
+        prompts,
+        seeds=e.seeds,
+        steps=e.steps,
+        cfg=e.cfg,
+        batch_size=e.batch_size,
+        seed=exp.seed,
+        precision=e.precision,
     )
     return Evaluator(
         world.supernet, world.clip, protocol, world.encode_text, world.uncond(), world.decode
