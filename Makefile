@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The torch wheels this machine kind ships on disk (pip takes them from there, no download).
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench bench-full clean
 
 install: $(VENV)/.installed
 
@@ -30,7 +30,10 @@ lint: install
 	$(BIN)/ruff format --check .
 
 bench: install
-	$(BIN)/python experiments/benchmarks/run_all.py
+	$(BIN)/python experiments/benchmarks/run_all.py --profile quick
+
+bench-full: install
+	$(BIN)/python experiments/benchmarks/run_all.py --profile full
 
 clean:
 	rm -rf $(VENV) .pytest_cache

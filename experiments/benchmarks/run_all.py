@@ -1,15 +1,23 @@
-"""`make bench`: every benchmark, one after the other, then a summary table.
+"""`make bench` and `make bench-full`: the benchmarks, one after the other, then a summary.
 
 Each script measures its ratios side by side in one run, writes its JSON under
 experiments/benchmarks/results/ and prints `name: value` as its last line; this driver
 collects those lines into results/summary.json and results/summary.md (with the command
-and wall time of each). With these flags the whole run takes about an hour on 2 CPU cores
-(estimated from the scripts' separate runs: latency_accuracy ~18 min, eval_cost ~9 min,
-ray_scaling ~6 min, the rest ~5 min each); pick some with --only. `--full` uses each
-script's own defaults.
+and wall time of each).
 
-    python experiments/benchmarks/run_all.py                 # all, about an hour
-    python experiments/benchmarks/run_all.py --only tiny_world,eval_cost
+Two profiles (--profile):
+
+    quick  `make bench`: the six benchmarks of the method (tiny world, supernet overhead,
+           latency accuracy, latency transfer, search fidelity, Ray scaling) with fewer
+           repeats: about 30 minutes on 2 CPU cores once the tiny world is cached (the first
+           script builds it otherwise: +8.5 min). The README's results are this profile's.
+    full   `make bench-full`: every script with its own defaults, plus the evaluation-cost and
+           strategy comparisons (about 75 minutes on 2 cores), and the GPU benchmark
+           (sd15_action) where torch sees a CUDA GPU.
+
+    python experiments/benchmarks/run_all.py                      # quick
+    python experiments/benchmarks/run_all.py --profile full
+    python experiments/benchmarks/run_all.py --only tiny_world,ray_scaling
 """
 
 from __future__ import annotations
@@ -25,17 +33,40 @@ from pathlib import Path
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
 
-# script -> flags (the world is built first: the others reuse it)
-BENCHMARKS: dict[str, list[str]] = {
-    "tiny_world": ["--threads", "1"],
-    "supernet_overhead": ["--threads", "1"],
-    "latency_accuracy": [],
-    "latency_transfer": [],
-    "search_fidelity": [],
-    "eval_cost": [],
-    "ray_scaling": [],
-    "strategy_compare": ["--threads", "1"],
+# script -> flags, per profile (the world is built first: the others reuse it). The quick
+# flags keep every issue's sample sizes (>= 20 networks, K = 10, 10 random networks) and
+# cut repeats and rounds; latency_accuracy uses both cores (blocks and networks alike).
+PROFILES: dict[str, dict[str, list[str]]] = {
+    "quick": {
+        "tiny_world": ["--threads", "1"],
+        "supernet_overhead": ["--threads", "1", "--repeats", "3", "--tiny-repeats", "10"],
+        "latency_accuracy": [
+            "--threads",
+            "2",
+            "--net-repeats",
+            "3",
+            "--warmup",
+            "1",
+            "--block-repeats",
+            "5",
+        ],
+        "latency_transfer": ["--rounds", "2"],
+        "search_fidelity": [],
+        "ray_scaling": ["--rounds", "1"],
+    },
+    "full": {
+        "tiny_world": ["--threads", "1"],
+        "supernet_overhead": ["--threads", "1"],
+        "latency_accuracy": [],
+        "latency_transfer": [],
+        "search_fidelity": [],
+        "eval_cost": [],
+        "ray_scaling": [],
+        "strategy_compare": ["--threads", "1"],
+        "sd15_action": [],  # only where a CUDA GPU is seen
+    },
 }
+GPU_ONLY = {"sd15_action"}
 
 
 def run(name: str, flags: list[str]) -> dict:
@@ -62,18 +93,29 @@ def run(name: str, flags: list[str]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--only", help="comma list of benchmarks (default: all)")
-    ap.add_argument("--full", action="store_true", help="each script's own default flags")
+    ap.add_argument("--profile", choices=list(PROFILES), default="quick")
+    ap.add_argument("--only", help="comma list of the profile's benchmarks (default: all)")
     args = ap.parse_args()
-    names = list(BENCHMARKS)
+    benchmarks = PROFILES[args.profile]
+    names = list(benchmarks)
     if args.only:
         names = [n.strip() for n in args.only.split(",")]
-        unknown = [n for n in names if n not in BENCHMARKS]
+        unknown = [n for n in names if n not in benchmarks]
         if unknown:
-            sys.exit(
-                f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}"
+            print(
+                f"unknown benchmark(s) {', '.join(unknown)} in profile {args.profile}; choose "
+                f"from {', '.join(benchmarks)}",
+                file=sys.stderr,
             )
-    rows = [run(n, [] if args.full else BENCHMARKS[n]) for n in names]
+            sys.exit(2)
+    if GPU_ONLY & set(names):
+        import torch  # only asked here: the driver itself needs no torch
+
+        if not torch.cuda.is_available():
+            skipped = sorted(GPU_ONLY & set(names))
+            print(f"no CUDA GPU: skipping {', '.join(skipped)}", flush=True)
+            names = [n for n in names if n not in GPU_ONLY]
+    rows = [run(n, benchmarks[n]) for n in names]
     RESULTS.mkdir(parents=True, exist_ok=True)
     summary = {
         "machine": {
@@ -81,6 +123,7 @@ def main() -> None:
             "python": sys.version.split()[0],
         },
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "profile": args.profile,
         "benchmarks": rows,
     }
     (RESULTS / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
