@@ -271,6 +271,12 @@ def register_validate(measure_factory) -> None:
         samples: int = typer.Option(20, "--samples", help="Random architectures to measure."),
         db: Path = typer.Option(None, "--db", help=DB_HELP),
         repeats: int = typer.Option(5, "--repeats", help="Timed runs per network."),
+        rounds: int = typer.Option(
+            2,
+            "--rounds",
+            help="Passes over all networks, each in a new order; each keeps its fastest. "
+            "2 or more also measures the timing noise (round 1 vs round 2).",
+        ),
         threads: int = typer.Option(None, "--threads"),
         seed: int = typer.Option(0, "--seed"),
         out: Path = typer.Option(
@@ -291,6 +297,8 @@ def register_validate(measure_factory) -> None:
 
         if samples < 2:
             raise typer.BadParameter("need at least 2 samples", param_hint="--samples")
+        if rounds < 1:
+            raise typer.BadParameter("need at least 1 round", param_hint="--rounds")
         sp = load_space(space)
         with open_table(db) as table:
             predictor = Predictor(
@@ -310,7 +318,8 @@ def register_validate(measure_factory) -> None:
                 repeats=repeats,
                 threads=threads,
             )
-            report = validate(sp, predictor, measure_factory(sp, backend), samples, seed=seed)
+            measure = measure_factory(sp, backend)
+            report = validate(sp, predictor, measure, samples, seed=seed, rounds=rounds)
             if calibrate:
                 c = report.calibration
                 table.add_calibration(
@@ -337,6 +346,12 @@ def register_validate(measure_factory) -> None:
                 f"Kendall τ {report.kendall_tau:.3f} ({len(report.archs)} networks)\n"
                 f"calibrated MAPE {report.calibration['mape_after']:.2f}%; wrote {out}/"
             )
+            if report.repeat:  # what the same networks measured twice agree to
+                r = report.repeat
+                console.print(
+                    f"timing noise (round 2 vs round 1): MAPE {r['mape']:.2f}%, "
+                    f"Kendall τ {r['kendall_tau']:.3f}"
+                )
 
 
 from .service_cli import register as _register_service  # noqa: E402

@@ -882,3 +882,27 @@ def test_validate_with_a_fake_measurement(predictor, space, tmp_path):
     png = tmp_path / "scatter.png"
     scatter_plot(report, png)
     assert png.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_validate_in_rounds_keeps_each_networks_fastest_and_reports_the_noise(predictor, space):
+    # the machine slows down during round 1 (later networks +30%), then runs clean: one round
+    # would blame the table; the fastest of two rounds does not
+    calls = []
+
+    def measure(arch):
+        calls.append(arch.hash)
+        slow = 1.3 if len(calls) > 3 and len(calls) <= 5 else 1.0
+        return predictor.predict(arch).raw_ms * slow
+
+    report = validate(space, predictor, measure, samples=4, seed=0, progress=False, rounds=2)
+    assert len(calls) == 10 and sorted(calls[:5]) == sorted(calls[5:])  # each network twice
+    assert calls[:5] == report.archs and calls[5:] != calls[:5]  # round 2 in a new order
+    assert report.measured_ms == pytest.approx(report.predicted_ms)
+    assert report.mape == pytest.approx(0.0, abs=1e-9)
+    # round 2 vs round 1: two of five networks 30% off
+    assert report.repeat["mape"] == pytest.approx(100 * 2 * (0.3 / 1.3) / 5)
+    assert report.repeat["within_10"] == pytest.approx(3 / 5)
+    one = validate(space, predictor, measure, samples=4, seed=0, progress=False)
+    assert one.repeat == {}
+    with pytest.raises(ValueError, match="rounds=0"):
+        validate(space, predictor, measure, samples=4, progress=False, rounds=0)

@@ -8,7 +8,9 @@ network timings are taken in the same run, on the same threads.
 Targets: MAPE <= 5%, >= 90% of networks within ±10%, Kendall τ >= 0.9. Both the raw sum
 and the calibrated prediction are reported; the calibration (a linear fit, as stored by
 `diffnas latency validate --calibrate`) is fitted on 5 other random architectures, never on
-the ones it is judged on. The headline is the calibrated MAPE.
+the ones it is judged on. The headline is the calibrated MAPE. Networks are measured in
+--rounds passes, each in a new order, keeping each one's fastest; round 1 vs round 2 is the
+timing noise ceiling, printed as "noise" (what no table can beat on this machine).
 Writes experiments/benchmarks/results/latency_accuracy.json and a scatter PNG per space;
 the last line printed is `latency_mape_sd15: X`.
 
@@ -16,6 +18,8 @@ the last line printed is `latency_mape_sd15: X`.
     python experiments/benchmarks/latency_accuracy.py --quick    # tiny only, few networks
     python experiments/benchmarks/latency_accuracy.py --build-64 # also time the full sd15
                                                                  # table at 64x64
+    python experiments/benchmarks/latency_accuracy.py --compute-unit cuda  # on a GPU (sd15 at
+                                                    # 64x64; writes latency_accuracy_cuda.json)
 """
 
 from __future__ import annotations
@@ -43,14 +47,14 @@ RESULTS = Path(__file__).parent / "results"
 def run_space(space, device_name, args, db):
     block_backend = get_backend(
         "torch",
-        compute_unit="cpu",
+        compute_unit=args.compute_unit,
         repeats=args.block_repeats,
         warmup=args.warmup,
         threads=args.threads,
     )
     net_backend = get_backend(
         "torch",
-        compute_unit="cpu",
+        compute_unit=args.compute_unit,
         repeats=args.net_repeats,
         warmup=args.warmup,
         threads=args.threads,
@@ -68,9 +72,11 @@ def run_space(space, device_name, args, db):
         args.calibration_samples,
         seed=args.seed + 10_000,
         include_original=False,
+        rounds=args.rounds,
     ).calibration
-    report = validate(space, predictor, timer, args.samples, seed=args.seed)
-    scatter_plot(report, RESULTS / f"latency_accuracy_{space.name}.png")
+    report = validate(space, predictor, timer, args.samples, seed=args.seed, rounds=args.rounds)
+    suffix = "" if args.compute_unit == "cpu" else f"_{args.compute_unit}"
+    scatter_plot(report, RESULTS / f"latency_accuracy_{space.name}{suffix}.png")
     out = report.to_dict()
     calibrated = [fit["slope"] * p + fit["intercept"] for p in report.predicted_ms]
     out["calibrated"] = {
@@ -93,6 +99,13 @@ def main() -> None:
     ap.add_argument("--net-repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="passes over the networks, each in a new order, keeping each one's fastest; "
+        ">= 2 also reports the timing noise ceiling (round 1 vs round 2)",
+    )
+    ap.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -105,6 +118,12 @@ def main() -> None:
         default=5,
         help="other random architectures the calibration is fitted on",
     )
+    ap.add_argument(
+        "--compute-unit",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="torch device; on cuda sd15 is measured at its own 64x64 latent (512 px)",
+    )
     ap.add_argument("--quick", action="store_true", help="tiny only, 6 networks")
     ap.add_argument(
         "--build-64", action="store_true", help="also time building the full sd15 table at 64x64"
@@ -116,12 +135,16 @@ def main() -> None:
 
     spaces = [load_space("tiny")]
     if not args.quick:
-        spaces.insert(0, load_space("sd15").with_inputs(latent=(4, 32, 32), batch=2))
+        sd15 = load_space("sd15")  # batch 2, latent 64x64: a CPU forward at 32x32 is ~10 s
+        spaces.insert(
+            0, sd15 if args.compute_unit == "cuda" else sd15.with_inputs(latent=(4, 32, 32))
+        )
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for space in spaces:
             print(f"== {space.name}: latent {space.latent}, batch {space.batch}", flush=True)
-            results[space.name] = run_space(space, "bench-cpu", args, Path(tmp) / "t.db")
+            device_name = f"bench-{args.compute_unit}"
+            results[space.name] = run_space(space, device_name, args, Path(tmp) / "t.db")
         if args.build_64:
             backend = get_backend(
                 "torch",
@@ -135,8 +158,11 @@ def main() -> None:
             results["sd15_64x64_table_build_seconds"] = built.seconds
             results["sd15_64x64_table_blocks"] = len(built.measured)
 
+    suffix = "" if args.compute_unit == "cpu" else f"_{args.compute_unit}"
     summary = {
         "benchmark": "latency_accuracy",
+        "compute_unit": args.compute_unit,
+        "gpu": torch.cuda.get_device_name() if args.compute_unit == "cuda" else None,
         "machine": {
             "cpu": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(),
@@ -146,7 +172,7 @@ def main() -> None:
         "results": results,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    name = "latency_accuracy_quick.json" if args.quick else "latency_accuracy.json"
+    name = "latency_accuracy" + ("_quick" if args.quick else "") + suffix + ".json"
     (RESULTS / name).write_text(json.dumps(summary, indent=2) + "\n")
     print(f"{'space':8} {'':10} {'MAPE %':>8} {'±5%':>6} {'±10%':>6} {'τ':>6} {'build s':>8}")
     for key, r in results.items():
@@ -157,6 +183,13 @@ def main() -> None:
                     f"{m['within_10']:6.2f} {m['kendall_tau']:6.3f} "
                     f"{r['table_build_seconds']:8.1f}"
                 )
+    for key, r in results.items():
+        if isinstance(r, dict) and r.get("repeat"):
+            n = r["repeat"]
+            print(
+                f"{key:8} {'noise':10} {n['mape']:8.2f} {'':6} {n['within_10']:6.2f} "
+                f"{n['kendall_tau']:6.3f}   (the same networks measured twice)"
+            )
     if "sd15_64x64_table_build_seconds" in results:
         print(f"sd15 table at 64x64: {results['sd15_64x64_table_build_seconds']:.0f} s")
     headline = "sd15" if "sd15" in results else "tiny"
