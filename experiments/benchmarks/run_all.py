@@ -46,7 +46,7 @@ PROFILES: dict[str, dict[str, list[str]]] = {
         "supernet_overhead": ["--threads", "1", "--repeats", "9", "--tiny-repeats", "10"],
         "latency_accuracy": [
             "--net-repeats",
-            "2",
+            "1",
             "--rounds",
             "2",
             "--warmup",
