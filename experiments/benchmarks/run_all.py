@@ -9,7 +9,7 @@ Two profiles (--profile):
 
     quick  `make bench`: the six benchmarks of the method (tiny world, supernet overhead,
            latency accuracy, latency transfer, search fidelity, Ray scaling) with fewer
-           repeats: about 30 minutes on 2 CPU cores once the tiny world is cached (the first
+           repeats: about 22 minutes on 2 CPU cores once the tiny world is cached (the first
            script builds it otherwise: +8.5 min). The README's results are this profile's.
     full   `make bench-full`: every script with its own defaults, plus the evaluation-cost and
            strategy comparisons (about 75 minutes on 2 cores), and the GPU benchmark
