@@ -45,6 +45,7 @@ import torch
 from diffusers import AutoencoderKL
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from latency.backends.torch_backend import synchronize
 from nas.clip import ClipScorer
 from nas.evaluate import Evaluator, Protocol
 from nas.generate import SD15_SCHEDULER, generate
@@ -111,16 +112,11 @@ def build_world(prompts: list[str], device: torch.device) -> StableDiffusionWorl
     )
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()  # CUDA calls return before their kernels finish
-
-
 def timed(fn, device: torch.device) -> tuple[float, object]:
-    sync(device)
+    synchronize(device.type)
     start = time.perf_counter()
     out = fn()
-    sync(device)
+    synchronize(device.type)
     return time.perf_counter() - start, out
 
 

@@ -14,7 +14,8 @@ from ..signature import BlockSignature
 from . import Backend, Timing, register
 
 
-def _sync(device: str) -> None:
+def synchronize(device: str) -> None:
+    """Wait for the device's queued kernels (CUDA and MPS calls return before they finish)."""
     if device == "cuda":
         torch.cuda.synchronize()
     elif device == "mps":
@@ -55,11 +56,11 @@ class TorchBackend(Backend):
         with torch.inference_mode():
             for _ in range(self.warmup):
                 fn()
-            _sync(device)
+            synchronize(device)
             for _ in range(self.repeats):
                 start = time.perf_counter()
                 fn()
-                _sync(device)
+                synchronize(device)
                 samples.append((time.perf_counter() - start) * 1000)
         return Timing(samples, self.versions())
 
