@@ -48,9 +48,14 @@ def build_cmd(
     warmup: int = typer.Option(3, "--warmup", help="Untimed runs first."),
     threads: int = typer.Option(None, "--threads", help="torch threads (default: torch's)."),
     force: bool = typer.Option(False, "--force", help="Measure again what the table has."),
+    rounds: int = typer.Option(
+        1, "--rounds", help="Passes over the blocks in new orders; each keeps its fastest."
+    ),
 ) -> None:
     """Profile every block signature of SPACE that the table lacks."""
     check_device_name(device)
+    if rounds < 1:
+        raise typer.BadParameter("need at least 1 round", param_hint="--rounds")
     b = get_backend(
         backend,
         compute_unit=compute_unit,
@@ -61,7 +66,7 @@ def build_cmd(
     )
     sp = load_space(space)
     with open_table(db) as table:
-        report = build_table(sp, table, b, device, force=force)
+        report = build_table(sp, table, b, device, force=force, rounds=rounds)
         console.print(
             f"measured {len(report.measured)} block(s), {report.skipped} already in "
             f"{table.path}, in {report.seconds:.1f} s"

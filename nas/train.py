@@ -2,8 +2,9 @@
 in which the supernet skips each removable block at random in every step.
 
 The loop is the one Stable Diffusion is trained with: a DDPM noise schedule, noise added at a
-random timestep, an epsilon (or v) target, MSE loss, AdamW, gradient clipping, optional EMA
-and mixed precision, and classifier-free-guidance dropout of the text condition. The skipping
+random timestep, an epsilon (or v) target, MSE loss (optionally Min-SNR weighted), AdamW with a
+diffusers learning-rate schedule, gradient clipping, optional EMA and mixed precision, and
+classifier-free-guidance dropout of the text condition. The skipping
 itself happens inside `ElasticUNet.forward` (its `skip_generator`); this loop only counts it.
 
 Everything random is drawn from a seeded stream, so a run is a function of its config:
@@ -36,6 +37,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import compute_snr
 from torch.utils.data import DataLoader, IterableDataset
 from torch.utils.data import default_collate as _collate
 from tqdm.auto import tqdm
@@ -52,13 +55,17 @@ STATE_NAME = "state.pt"  # optimizer, EMA, RNG states, step, losses (next to mod
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 MIXED_PRECISION = ("no", "fp16", "bf16")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "polynomial")
 
 
 @dataclass
 class TrainConfig:
     steps: int = 1000  # optimizer steps in total (a resumed run continues up to this)
     batch_size: int = 32  # samples per step; the last incomplete batch of an epoch is dropped
-    lr: float = 1e-4  # AdamW learning rate (constant)
+    lr: float = 1e-4  # AdamW peak learning rate
+    lr_scheduler: str = "constant"  # diffusers schedule name: constant, cosine, linear, ...
+    lr_warmup_steps: int = 0  # steps of linear warm-up to `lr` (schedules with a warm-up)
+    snr_gamma: float | None = None  # Min-SNR loss weighting min(SNR, gamma); None = plain MSE
     weight_decay: float = 1e-2  # AdamW decoupled weight decay
     grad_clip: float | None = 1.0  # max global gradient norm; None or 0 = no clipping
     prediction_type: str = "epsilon"  # what the UNet predicts: "epsilon" or "v_prediction"
@@ -91,6 +98,15 @@ class TrainConfig:
                 f"unknown mixed_precision {self.mixed_precision!r}; use one of "
                 f"{', '.join(map(repr, MIXED_PRECISION))}"
             )
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise UserError(
+                f"unknown lr_scheduler {self.lr_scheduler!r}; use one of "
+                f"{', '.join(map(repr, LR_SCHEDULERS))}"
+            )
+        if self.snr_gamma is not None and not self.snr_gamma > 0:
+            raise UserError(
+                f"snr_gamma={self.snr_gamma} must be positive (5 is the usual value), or None"
+            )
         positive = {"steps": self.steps, "batch_size": self.batch_size, "lr": self.lr}
         positive["num_train_timesteps"] = self.num_train_timesteps
         for name, value in positive.items():
@@ -100,6 +116,7 @@ class TrainConfig:
             ("weight_decay", self.weight_decay),
             ("checkpoint_every", self.checkpoint_every),
             ("num_workers", self.num_workers),
+            ("lr_warmup_steps", self.lr_warmup_steps),
             ("grad_clip", self.grad_clip or 0),
         ]:
             if value < 0:
@@ -435,7 +452,7 @@ def train(
         skips.update({(s, i): n for s, i, n in state["skip_counts"]})
         optimizer.load_state_dict(state["optimizer"])
         for group in optimizer.param_groups:  # this run's lr / decay win over the saved ones
-            group.update(lr=config.lr, weight_decay=config.weight_decay)
+            group.update(lr=config.lr, initial_lr=config.lr, weight_decay=config.weight_decay)
         if fp16 and state["scaler"] is not None:
             scaler.load_state_dict(state["scaler"])
         if ema is not None:
@@ -455,6 +472,14 @@ def train(
         noise_gen.set_state(rng["noise"])
         model.skip_generator.set_state(rng["skip"])
 
+    # the schedule is a function of the step: a resumed run picks it up at `start`
+    lr_schedule = get_scheduler(
+        config.lr_scheduler,
+        optimizer,
+        num_warmup_steps=config.lr_warmup_steps,
+        num_training_steps=config.steps,
+        last_epoch=start - 1,
+    )
     if hasattr(encode, "to"):
         encode.to(device)
     if uncond is None and hasattr(encode, "unconditional"):
@@ -530,7 +555,7 @@ def train(
             )
             with autocast:
                 pred = runner(noisy, t, encoder_hidden_states=cond).sample
-            loss = F.mse_loss(pred.float(), target.float())
+            loss = _loss(pred, target, t, scheduler, config)
             batch_loss = loss.detach()
             if parallel is not None and parallel.world_size > 1:
                 # the mean of equal shards' means: the whole batch's loss
@@ -543,6 +568,7 @@ def train(
                 torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
             scaler.step(optimizer)
             scaler.update()
+            lr_schedule.step()
             if ema is not None:
                 ema.step(model.parameters())
 
@@ -572,6 +598,19 @@ def train(
         ema=ema,
         config=config,
     )
+
+
+def _loss(pred, target, t, scheduler: DDPMScheduler, config: TrainConfig) -> torch.Tensor:
+    """MSE, or with `snr_gamma` the Min-SNR-weighted MSE (Hang et al. 2023, as diffusers'
+    training scripts): easy low-noise steps stop dominating, which speeds up convergence."""
+    if config.snr_gamma is None:
+        return F.mse_loss(pred.float(), target.float())
+    snr = compute_snr(scheduler, t)
+    weight = snr.clamp(max=config.snr_gamma)
+    # the weight of an epsilon (or v) loss that makes it min(SNR, gamma) times the x0 loss
+    weight = weight / snr if config.prediction_type == "epsilon" else weight / (snr + 1)
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    return (per_sample * weight).mean()
 
 
 def _batch_loss_over_workers(loss: torch.Tensor, skipped: list[tuple[str, int]]) -> torch.Tensor:

@@ -906,3 +906,33 @@ def test_validate_in_rounds_keeps_each_networks_fastest_and_reports_the_noise(pr
     assert one.repeat == {}
     with pytest.raises(ValueError, match="rounds=0"):
         validate(space, predictor, measure, samples=4, progress=False, rounds=0)
+
+
+def test_build_in_rounds_stores_each_blocks_fastest_round(tmp_path, space):
+    # the machine is slow for the first three blocks of round 1: one round would store their
+    # slow spell in the table; the fastest of two rounds does not
+    from latency.backends.torch_backend import TorchBackend
+    from latency.profile import build_table
+
+    calls = []
+
+    class Scripted(TorchBackend):
+        def profile(self, signature):
+            calls.append(signature.hash)
+            slow = 1.5 if len(calls) <= 3 else 1.0
+            return Timing([slow * (1 + sorted(s.hash for s in sigs).index(signature.hash))])
+
+    sigs = signatures(space)
+    with LatencyTable(tmp_path / "t.db") as table:
+        report = build_table(space, table, Scripted("cpu"), DEVICE, progress=False, rounds=2)
+        rows = table.rows(DEVICE)
+    n = len(sigs)
+    assert len(report.measured) == n and len(calls) == 2 * n
+    assert sorted(calls[:n]) == sorted(calls[n:]) and calls[:n] != calls[n:]  # reshuffled
+    assert len(rows) == n  # one row per block: its fastest round
+    ranks = sorted(s.hash for s in sigs)
+    assert {m.signature.hash: m.median_ms for m in rows} == {
+        h: pytest.approx(1 + ranks.index(h)) for h in ranks
+    }
+    with LatencyTable(tmp_path / "u.db") as table, pytest.raises(ValueError, match="rounds=0"):
+        build_table(space, table, Scripted("cpu"), DEVICE, rounds=0)

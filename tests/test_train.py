@@ -90,8 +90,31 @@ def test_same_seed_same_losses_and_v_prediction(space, data):
     assert other.losses[0] != a.losses[0]
 
 
+def test_lr_schedule_is_applied_from_the_first_step(space, data):
+    # diffusers' warm-up starts at lr 0: the first step changes nothing, unlike a constant lr
+    warm = make_model(space)
+    before = {k: v.clone() for k, v in warm.state_dict().items()}
+    cfg = config(steps=1, lr=1e-2, lr_scheduler="constant_with_warmup", lr_warmup_steps=5)
+    train(warm, data, cfg, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in warm.state_dict().items())
+    constant = make_model(space)
+    train(constant, data, config(steps=1, lr=1e-2), progress=False)
+    assert not torch.equal(before["unet.conv_in.weight"], constant.unet.conv_in.weight)
+
+
+def test_min_snr_weighting(space, data):
+    plain = train(make_model(space), data, config(steps=2), progress=False).losses
+    # epsilon loss weight min(SNR, gamma) / SNR: 1 for a gamma above every SNR
+    huge = train(make_model(space), data, config(steps=2, snr_gamma=1e12), progress=False)
+    assert huge.losses == pytest.approx(plain, rel=1e-5)
+    # gamma = 1 weighs down every timestep whose SNR exceeds 1
+    small = train(make_model(space), data, config(steps=1, snr_gamma=1.0), progress=False)
+    assert small.losses[0] < plain[0]
+
+
 def test_resume_reaches_the_same_weights_and_losses(space, data, tmp_path):
-    cfg = dict(ema_decay=0.9, seed=1)
+    # a schedule and Min-SNR weighting, to check that a resumed run picks the schedule up
+    cfg = dict(ema_decay=0.9, seed=1, lr_scheduler="cosine", lr_warmup_steps=2, snr_gamma=5.0)
     full = make_model(space)
     whole = train(full, data, config(steps=6, **cfg), out_dir=tmp_path / "whole", progress=False)
 
@@ -325,3 +348,7 @@ def test_images_without_an_encoder_and_small_data_are_user_errors(space, data):
         train(make_model(space), data, config(batch_size=32), progress=False)
     with pytest.raises(UserError, match="cfg_dropout"):
         train(make_model(space), data, config(cfg_dropout=1.5), progress=False)
+    with pytest.raises(UserError, match="lr_scheduler 'step'.*'cosine'"):
+        train(make_model(space), data, config(lr_scheduler="step"), progress=False)
+    with pytest.raises(UserError, match="snr_gamma=0.*positive"):
+        train(make_model(space), data, config(snr_gamma=0), progress=False)

@@ -8,9 +8,10 @@ network timings are taken in the same run, on the same threads.
 Targets: MAPE <= 5%, >= 90% of networks within ±10%, Kendall τ >= 0.9. Both the raw sum
 and the calibrated prediction are reported; the calibration (a linear fit, as stored by
 `diffnas latency validate --calibrate`) is fitted on 5 other random architectures, never on
-the ones it is judged on. The headline is the calibrated MAPE. Networks are measured in
---rounds passes, each in a new order, keeping each one's fastest; round 1 vs round 2 is the
-timing noise ceiling, printed as "noise" (what no table can beat on this machine).
+the ones it is judged on. The headline is the calibrated MAPE. Blocks and networks alike are
+measured in --rounds passes, each in a new order, keeping each one's fastest; round 1 vs
+round 2 of the networks is the timing noise ceiling, printed as "noise" (what no table can
+beat on this machine).
 Writes experiments/benchmarks/results/latency_accuracy.json and a scatter PNG per space;
 the last line printed is `latency_mape_sd15: X`.
 
@@ -60,7 +61,7 @@ def run_space(space, device_name, args, db):
         threads=args.threads,
     )
     with LatencyTable(db) as table:
-        built = build_table(space, table, block_backend, device_name)
+        built = build_table(space, table, block_backend, device_name, rounds=args.rounds)
         predictor = Predictor(space, table, device_name, calibrate=False)
     timer = NetworkTimer(space, net_backend)
     # calibration (measured ~ a * predicted + b) is fitted on other architectures than the
@@ -102,7 +103,8 @@ def main() -> None:
         "--rounds",
         type=int,
         default=2,
-        help="passes over the networks, each in a new order, keeping each one's fastest; "
+        help="passes over the blocks and the networks, each in a new order, keeping each "
+        "one's fastest; "
         ">= 2 also reports the timing noise ceiling (round 1 vs round 2)",
     )
     ap.add_argument(
