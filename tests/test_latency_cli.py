@@ -310,6 +310,16 @@ def test_bad_device_name(tmp_path, capsys, name):
     assert not db.exists()
 
 
+@pytest.mark.parametrize("command", ["build", "validate"])
+def test_zero_rounds_is_a_usage_error(tmp_path, capsys, command):
+    db = tmp_path / "x.db"
+    code, out, err = run(
+        capsys, "latency", command, "tiny", "--device", DEVICE, "--rounds", "0", "--db", db
+    )
+    assert code == 2 and "--rounds: need at least 1 round" in err and "Traceback" not in err
+    assert not db.exists()
+
+
 def test_coreml_build_on_linux_says_it_needs_macos(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("latency.backends.coreml.platform.system", lambda: "Linux")
     monkeypatch.setenv("DIFFNAS_CACHE", str(tmp_path / "cache"))
