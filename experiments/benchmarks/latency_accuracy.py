@@ -45,6 +45,17 @@ from search_spaces import load_space
 RESULTS = Path(__file__).parent / "results"
 
 
+def cpu_ticks() -> tuple[int, int] | None:
+    """(steal, total) CPU ticks since boot from /proc/stat (Linux), else None. Steal is time
+    the hypervisor gave this VM's virtual CPUs to others: timings taken while it is high are
+    slow and noisy whatever the table does."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return fields[7] if len(fields) > 7 else 0, sum(fields[:8])
+
+
 def run_space(space, device_name, args, db):
     block_backend = get_backend(
         "torch",
@@ -142,6 +153,7 @@ def main() -> None:
             0, sd15 if args.compute_unit == "cuda" else sd15.with_inputs(latent=(4, 32, 32))
         )
     results = {}
+    ticks = cpu_ticks()
     with tempfile.TemporaryDirectory() as tmp:
         for space in spaces:
             print(f"== {space.name}: latent {space.latent}, batch {space.batch}", flush=True)
@@ -161,6 +173,8 @@ def main() -> None:
             results["sd15_64x64_table_blocks"] = len(built.measured)
 
     suffix = "" if args.compute_unit == "cpu" else f"_{args.compute_unit}"
+    end = cpu_ticks()
+    steal = (end[0] - ticks[0]) / max(end[1] - ticks[1], 1) if ticks and end else None
     summary = {
         "benchmark": "latency_accuracy",
         "compute_unit": args.compute_unit,
@@ -169,6 +183,7 @@ def main() -> None:
             "cpu": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
+            "cpu_steal_share": steal,  # of all CPU time during the run (None: not Linux)
         },
         "targets": {"mape": 5.0, "within_10": 0.9, "kendall_tau": 0.9},
         "results": results,
@@ -192,6 +207,8 @@ def main() -> None:
                 f"{key:8} {'noise':10} {n['mape']:8.2f} {'':6} {n['within_10']:6.2f} "
                 f"{n['kendall_tau']:6.3f}   (the same networks measured twice)"
             )
+    if steal is not None:
+        print(f"CPU steal during the run: {100 * steal:.1f}% of CPU time")
     if "sd15_64x64_table_build_seconds" in results:
         print(f"sd15 table at 64x64: {results['sd15_64x64_table_build_seconds']:.0f} s")
     headline = "sd15" if "sd15" in results else "tiny"
