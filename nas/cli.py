@@ -253,6 +253,13 @@ def train_cmd(
     checkpoint_every: int = typer.Option(
         None, "--checkpoint-every", help="Checkpoint every N steps (default: config's; 0: end)."
     ),
+    lr_scheduler: str = typer.Option(
+        None, "--lr-scheduler", help="diffusers schedule: constant, cosine, linear, ..."
+    ),
+    lr_warmup_steps: int = typer.Option(None, "--lr-warmup-steps", help="Warm-up steps."),
+    snr_gamma: float = typer.Option(
+        None, "--snr-gamma", help="Min-SNR loss weighting, e.g. 5 (default: plain MSE)."
+    ),
     gpus: bool = typer.Option(
         None, "--gpus/--no-gpus", help="One GPU per worker (default: if there is one each)."
     ),
@@ -263,6 +270,7 @@ def train_cmd(
 ) -> None:
     """Robustly train a world's supernet (DDP on Ray Train with --workers N) and save it
     into --out (ElasticUNet.from_pretrained(out)). See docs/distributed.md."""
+    from .train import TrainConfig
     from .train_ray import check_train_args, train_supernet
 
     if (experiment is None) == (world is None):
@@ -273,6 +281,10 @@ def train_cmd(
         raise UserError(f"--checkpoint-every {checkpoint_every}: give 0 (at the end) or more")
     check_train_args(workers, ray_address, gpus)  # before a world loads: bad flags fail at once
     overrides = {"steps": steps, "batch_size": batch_size, "checkpoint_every": checkpoint_every}
+    schedule = {"lr_scheduler": lr_scheduler, "lr_warmup_steps": lr_warmup_steps}
+    schedule = {k: v for k, v in (schedule | {"snr_gamma": snr_gamma}).items() if v is not None}
+    TrainConfig(**schedule).check()
+    overrides |= schedule
     if experiment is not None:
         from search_spaces import load_space
 

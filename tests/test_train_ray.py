@@ -145,8 +145,11 @@ def test_cli_resumes_and_never_overwrites(tmp_path, capsys):
     experiment = write_experiment(tmp_path)
     out = tmp_path / "out"
     args = ["train", str(experiment), "--out", str(out), "--checkpoint-every", "1"]
+    args += ["--lr-scheduler", "cosine", "--lr-warmup-steps", "1", "--snr-gamma", "5"]
     assert cli([*args, "--steps", "2"]) == 0
     first = json.loads((out / "train.json").read_text())
+    schedule = {k: first["config"][k] for k in ("lr_scheduler", "lr_warmup_steps", "snr_gamma")}
+    assert schedule == {"lr_scheduler": "cosine", "lr_warmup_steps": 1, "snr_gamma": 5.0}
 
     assert cli([*args, "--steps", "3"]) == 2  # the same --out again, without --resume
     assert "--resume" in capsys.readouterr().err
@@ -175,6 +178,9 @@ def free_port() -> int:
         (["--ray-address", "headnode"], "HOST:PORT"),
         (["--gpus"] if not torch.cuda.is_available() else ["--workers", "99", "--gpus"], "GPU"),
         (["--steps", "0"], "--steps and --batch-size must be at least 1"),
+        (["--lr-scheduler", "step"], "unknown lr_scheduler 'step'; use one of"),
+        (["--snr-gamma", "0"], "snr_gamma=0.0 must be positive"),
+        (["--lr-warmup-steps", "-1"], "lr_warmup_steps=-1 must not be negative"),
         ([], "give an experiment file or --world tiny"),
     ],
 )
