@@ -281,8 +281,8 @@ def train_cmd(
         raise UserError(f"--checkpoint-every {checkpoint_every}: give 0 (at the end) or more")
     check_train_args(workers, ray_address, gpus)  # before a world loads: bad flags fail at once
     overrides = {"steps": steps, "batch_size": batch_size, "checkpoint_every": checkpoint_every}
-    schedule = {"lr_scheduler": lr_scheduler, "lr_warmup_steps": lr_warmup_steps}
-    schedule = {k: v for k, v in (schedule | {"snr_gamma": snr_gamma}).items() if v is not None}
+    schedule = dict(lr_scheduler=lr_scheduler, lr_warmup_steps=lr_warmup_steps, snr_gamma=snr_gamma)
+    schedule = {k: v for k, v in schedule.items() if v is not None}
     TrainConfig(**schedule).check()
     overrides |= schedule
     if experiment is not None:

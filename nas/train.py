@@ -55,6 +55,8 @@ STATE_NAME = "state.pt"  # optimizer, EMA, RNG states, step, losses (next to mod
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 MIXED_PRECISION = ("no", "fp16", "bf16")
+# diffusers' schedules that need nothing beyond warm-up and total steps (its restarts and
+# piecewise schedules take more arguments)
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "polynomial")
 
 
@@ -602,7 +604,8 @@ def train(
 
 def _loss(pred, target, t, scheduler: DDPMScheduler, config: TrainConfig) -> torch.Tensor:
     """MSE, or with `snr_gamma` the Min-SNR-weighted MSE (Hang et al. 2023, as diffusers'
-    training scripts): easy low-noise steps stop dominating, which speeds up convergence."""
+    training scripts): easy low-noise steps stop dominating the loss. (In the tiny world, a
+    v-prediction model trained for minutes, it trained worse than plain MSE.)"""
     if config.snr_gamma is None:
         return F.mse_loss(pred.float(), target.float())
     snr = compute_snr(scheduler, t)

@@ -914,15 +914,16 @@ def test_build_in_rounds_stores_each_blocks_fastest_round(tmp_path, space):
     from latency.backends.torch_backend import TorchBackend
     from latency.profile import build_table
 
+    sigs = signatures(space)
+    ranks = sorted(s.hash for s in sigs)  # block i takes i + 1 ms on a quiet machine
     calls = []
 
     class Scripted(TorchBackend):
         def profile(self, signature):
             calls.append(signature.hash)
             slow = 1.5 if len(calls) <= 3 else 1.0
-            return Timing([slow * (1 + sorted(s.hash for s in sigs).index(signature.hash))])
+            return Timing([slow * (1 + ranks.index(signature.hash))])
 
-    sigs = signatures(space)
     with LatencyTable(tmp_path / "t.db") as table:
         report = build_table(space, table, Scripted("cpu"), DEVICE, progress=False, rounds=2)
         rows = table.rows(DEVICE)
@@ -930,7 +931,6 @@ def test_build_in_rounds_stores_each_blocks_fastest_round(tmp_path, space):
     assert len(report.measured) == n and len(calls) == 2 * n
     assert sorted(calls[:n]) == sorted(calls[n:]) and calls[:n] != calls[n:]  # reshuffled
     assert len(rows) == n  # one row per block: its fastest round
-    ranks = sorted(s.hash for s in sigs)
     assert {m.signature.hash: m.median_ms for m in rows} == {
         h: pytest.approx(1 + ranks.index(h)) for h in ranks
     }
