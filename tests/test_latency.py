@@ -9,7 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import platform
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -616,6 +619,39 @@ def test_torch_backend_profiles_a_small_block(part):
     assert timing.median_ms > 0 and timing.iqr_ms >= 0
     assert timing.versions["torch"] == torch.__version__
     assert timing.versions["threads"] == 1
+
+
+# a fresh process (the setting is process-wide): page faults of writing a 64 MB tensor, 12
+# times over, with glibc's defaults or after the torch backend's test_connection
+_FAULTS = """
+import resource, sys, torch
+from latency.backends import get_backend
+if sys.argv[1] == "backend":
+    get_backend("torch", threads=1).test_connection()
+def faults():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    x = torch.ones(16 << 20)
+    x.sum()
+    del x
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+print(*[faults() for _ in range(12)])
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt only")
+def test_torch_backend_times_cpu_without_page_faults_on_fresh_memory():
+    def faults(mode: str) -> int:
+        out = subprocess.run(
+            [sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True, check=True
+        )
+        return [int(n) for n in out.stdout.split()[-3:]]  # the steady state: the last 3
+
+    assert min(faults("default")) > 10_000  # 64 MB freshly mapped: one fault per 4 KB page
+    # the first few land between Python's small objects; then the heap serves them again
+    assert sum(faults("backend")) < 1_000
+    backend = get_backend("torch", threads=1)
+    backend.test_connection()
+    assert backend.versions()["malloc"] == "heap kept"
 
 
 @pytest.fixture(scope="module")
