@@ -47,6 +47,19 @@ def accuracy(predicted, measured) -> dict[str, float]:
     }
 
 
+def random_archs(
+    space: SearchSpace, samples: int, seed: int = 0, include_original: bool = True
+) -> list[Architecture]:
+    """`samples` distinct random legal architectures (after the original, if included)."""
+    archs = [space.original()] if include_original else []
+    seeds = iter(range(seed, seed + 100 * samples))
+    while len(archs) < samples + include_original:
+        arch = space.random(next(seeds))
+        if arch not in archs:
+            archs.append(arch)
+    return archs
+
+
 def validate(
     space: SearchSpace,
     predictor: Predictor,
@@ -66,12 +79,7 @@ def validate(
     (`ValidationReport.repeat`)."""
     if rounds < 1:
         raise ValueError(f"rounds={rounds}: measure every network at least once")
-    archs = [space.original()] if include_original else []
-    seeds = iter(range(seed, seed + 100 * samples))
-    while len(archs) < samples + include_original:
-        arch = space.random(next(seeds))
-        if arch not in archs:
-            archs.append(arch)
+    archs = random_archs(space, samples, seed, include_original)
     predicted = [predictor.predict(arch).raw_ms for arch in archs]
     times: list[list[float]] = [[] for _ in archs]
     order = list(range(len(archs)))

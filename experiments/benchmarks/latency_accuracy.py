@@ -11,12 +11,15 @@ and the calibrated prediction are reported; the calibration (a linear fit, as st
 the ones it is judged on. The headline is the calibrated MAPE. Blocks and networks alike are
 measured in --rounds passes, each in a new order, keeping each one's fastest; round 1 vs
 round 2 of the networks is the timing noise ceiling, printed as "noise" (what no table can
-beat on this machine).
+beat on this machine). `--protocol paired` times each network right after a fresh pass over
+the blocks instead, so that a drift of the machine between the table and the networks does
+not count as the table's error (what is left is the additive model's error and noise).
 Writes experiments/benchmarks/results/latency_accuracy.json and a scatter PNG per space;
 the last line printed is `latency_mape_sd15: X`.
 
     python experiments/benchmarks/latency_accuracy.py            # full (about 10 min, 2 cores)
     python experiments/benchmarks/latency_accuracy.py --quick    # tiny only, few networks
+    python experiments/benchmarks/latency_accuracy.py --protocol paired --block-repeats 2
     python experiments/benchmarks/latency_accuracy.py --build-64 # also time the full sd15
                                                                  # table at 64x64
     python experiments/benchmarks/latency_accuracy.py --compute-unit cuda  # on a GPU (sd15 at
@@ -28,17 +31,19 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import random
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from scipy import stats
 
 from latency.backends import get_backend
 from latency.predict import Predictor
-from latency.profile import build_table
+from latency.profile import build_table, progress_bar
 from latency.table import LatencyTable
-from latency.validate import accuracy, scatter_plot, validate
+from latency.validate import ValidationReport, accuracy, random_archs, scatter_plot, validate
 from nas.measure import NetworkTimer
 from search_spaces import load_space
 
@@ -56,6 +61,43 @@ def cpu_ticks() -> tuple[int, int] | None:
     return fields[7] if len(fields) > 7 else 0, sum(fields[:8])
 
 
+def paired_validate(space, archs, table, block_backend, timer, device_name, rounds, seed):
+    """Predicted and measured networks, each network timed right after a fresh pass over
+    every block: both sides of a pair see the same state of the machine, so the pair tests
+    the table's additive model, not how far the machine drifted between the table and the
+    network (on this VM, by more than the targets within 20 minutes). Each side keeps its
+    fastest of the `rounds` passes (each pass in a new order)."""
+    pairs: list[list[tuple[float, float]]] = [[] for _ in archs]
+    order, rng = list(range(len(archs))), random.Random(seed)
+    with progress_bar() as bar:
+        task = bar.add_task(f"pairs of {space.name}", total=rounds * len(archs))
+        for r in range(rounds):
+            if r:
+                rng.shuffle(order)
+            for i in order:
+                build_table(space, table, block_backend, device_name, force=True, progress=False)
+                predictor = Predictor(space, table, device_name, calibrate=False)
+                pairs[i].append((predictor.predict(archs[i]).raw_ms, timer(archs[i])))
+                bar.advance(task)
+    predicted = [min(p for p, _ in pair) for pair in pairs]
+    measured = [min(m for _, m in pair) for pair in pairs]
+    repeat = {}
+    if rounds > 1:
+        first, second = [pair[0][1] for pair in pairs], [pair[1][1] for pair in pairs]
+        repeat = {k: accuracy(second, first)[k] for k in ("mape", "within_10", "kendall_tau")}
+    fit = stats.linregress(predicted, measured)
+    return ValidationReport(
+        space=space.name,
+        device=device_name,
+        archs=[a.hash for a in archs],
+        predicted_ms=predicted,
+        measured_ms=measured,
+        **accuracy(predicted, measured),
+        calibration={"slope": float(fit.slope), "intercept": float(fit.intercept)},
+        repeat=repeat,
+    )
+
+
 def run_space(space, device_name, args, db):
     block_backend = get_backend(
         "torch",
@@ -71,22 +113,32 @@ def run_space(space, device_name, args, db):
         warmup=args.warmup,
         threads=args.threads,
     )
+    timer = NetworkTimer(space, net_backend)
     with LatencyTable(db) as table:
         built = build_table(space, table, block_backend, device_name, rounds=args.rounds)
-        predictor = Predictor(space, table, device_name, calibrate=False)
-    timer = NetworkTimer(space, net_backend)
-    # calibration (measured ~ a * predicted + b) is fitted on other architectures than the
-    # ones it is judged on: the held-out numbers are what a user of a calibrated table gets
-    fit = validate(
-        space,
-        predictor,
-        timer,
-        args.calibration_samples,
-        seed=args.seed + 10_000,
-        include_original=False,
-        rounds=args.rounds,
-    ).calibration
-    report = validate(space, predictor, timer, args.samples, seed=args.seed, rounds=args.rounds)
+        if args.protocol == "paired":
+            fit_archs = random_archs(space, args.calibration_samples, args.seed + 10_000, False)
+            archs = random_archs(space, args.samples, args.seed)
+            pair = (table, block_backend, timer, device_name, args.rounds)
+            fit = paired_validate(space, fit_archs, *pair, args.seed + 10_000).calibration
+            report = paired_validate(space, archs, *pair, args.seed)
+        else:
+            predictor = Predictor(space, table, device_name, calibrate=False)
+            # calibration (measured ~ a * predicted + b) is fitted on other architectures than
+            # the ones it is judged on: the held-out numbers are what a user of a calibrated
+            # table gets
+            fit = validate(
+                space,
+                predictor,
+                timer,
+                args.calibration_samples,
+                seed=args.seed + 10_000,
+                include_original=False,
+                rounds=args.rounds,
+            ).calibration
+            report = validate(
+                space, predictor, timer, args.samples, seed=args.seed, rounds=args.rounds
+            )
     suffix = "" if args.compute_unit == "cpu" else f"_{args.compute_unit}"
     scatter_plot(report, RESULTS / f"latency_accuracy_{space.name}{suffix}.png")
     out = report.to_dict()
@@ -97,6 +149,7 @@ def run_space(space, device_name, args, db):
         "intercept": fit["intercept"],
         "fitted_on": args.calibration_samples,
     }
+    out["protocol"] = args.protocol
     out["table_build_seconds"] = built.seconds
     out["blocks"] = len(built.measured)
     out["latent"] = list(space.latent)
@@ -137,9 +190,23 @@ def main() -> None:
         default="cpu",
         help="torch device; on cuda sd15 is measured at its own 64x64 latent (512 px)",
     )
+    ap.add_argument(
+        "--protocol",
+        choices=["separate", "paired"],
+        default="separate",
+        help="separate: the table first, then every network (as a user's table is used); "
+        "paired: each network right after a fresh pass over the blocks (the table's model, "
+        "free of the machine's drift between the two)",
+    )
     ap.add_argument("--quick", action="store_true", help="tiny only, 6 networks")
     ap.add_argument(
         "--build-64", action="store_true", help="also time building the full sd15 table at 64x64"
+    )
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="JSON file to write (default: results/latency_accuracy[_quick][_cuda].json)",
     )
     args = ap.parse_args()
     if args.quick:
@@ -186,11 +253,12 @@ def main() -> None:
             "cpu_steal_share": steal,  # of all CPU time during the run (None: not Linux)
         },
         "targets": {"mape": 5.0, "within_10": 0.9, "kendall_tau": 0.9},
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},  # the flags of the run
         "results": results,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     name = "latency_accuracy" + ("_quick" if args.quick else "") + suffix + ".json"
-    (RESULTS / name).write_text(json.dumps(summary, indent=2) + "\n")
+    (args.out or RESULTS / name).write_text(json.dumps(summary, indent=2) + "\n")
     print(f"{'space':8} {'':10} {'MAPE %':>8} {'±5%':>6} {'±10%':>6} {'τ':>6} {'build s':>8}")
     for key, r in results.items():
         if isinstance(r, dict):
