@@ -94,16 +94,28 @@ def validate(
             for i in order:
                 times[i].append(measure(archs[i]))
                 bar.advance(task)
+    return build_report(space, predictor.device, archs, predicted, times)
+
+
+def build_report(
+    space: SearchSpace,
+    device: str,
+    archs: list[Architecture],
+    predicted: list[float],
+    times: list[list[float]],
+) -> ValidationReport:
+    """The report of `predicted` ms against each network's timings, one per round: each
+    network's fastest is its measurement; rounds 1 and 2 give the noise ceiling."""
     measured = [min(t) for t in times]
     fit = stats.linregress(predicted, measured)
     calibrated = [fit.slope * p + fit.intercept for p in predicted]
     repeat = {}
-    if rounds > 1:
+    if all(len(t) > 1 for t in times):
         first, second = [t[0] for t in times], [t[1] for t in times]
         repeat = {k: accuracy(second, first)[k] for k in ("mape", "within_10", "kendall_tau")}
     return ValidationReport(
         space=space.name,
-        device=predictor.device,
+        device=device,
         archs=[a.hash for a in archs],
         predicted_ms=predicted,
         measured_ms=measured,

@@ -37,13 +37,12 @@ import time
 from pathlib import Path
 
 import torch
-from scipy import stats
 
 from latency.backends import get_backend
 from latency.predict import Predictor
 from latency.profile import build_table, progress_bar
 from latency.table import LatencyTable
-from latency.validate import ValidationReport, accuracy, random_archs, scatter_plot, validate
+from latency.validate import accuracy, build_report, random_archs, scatter_plot, validate
 from nas.measure import NetworkTimer
 from search_spaces import load_space
 
@@ -80,22 +79,8 @@ def paired_validate(space, archs, table, block_backend, timer, device_name, roun
                 pairs[i].append((predictor.predict(archs[i]).raw_ms, timer(archs[i])))
                 bar.advance(task)
     predicted = [min(p for p, _ in pair) for pair in pairs]
-    measured = [min(m for _, m in pair) for pair in pairs]
-    repeat = {}
-    if rounds > 1:
-        first, second = [pair[0][1] for pair in pairs], [pair[1][1] for pair in pairs]
-        repeat = {k: accuracy(second, first)[k] for k in ("mape", "within_10", "kendall_tau")}
-    fit = stats.linregress(predicted, measured)
-    return ValidationReport(
-        space=space.name,
-        device=device_name,
-        archs=[a.hash for a in archs],
-        predicted_ms=predicted,
-        measured_ms=measured,
-        **accuracy(predicted, measured),
-        calibration={"slope": float(fit.slope), "intercept": float(fit.intercept)},
-        repeat=repeat,
-    )
+    times = [[m for _, m in pair] for pair in pairs]
+    return build_report(space, device_name, archs, predicted, times)
 
 
 def run_space(space, device_name, args, db):
