@@ -210,7 +210,10 @@ class TinyWorld:
             "num_train_timesteps": 1000,
             "beta_schedule": config.beta_schedule,
             "prediction_type": config.prediction_type,
-            "clip_sample": True,  # pixel space: x0 lies in [-1, 1]
+            # No x0 clipping: diffusers' DDIM step pairs the clipped x0 with the noise estimate
+            # of the unclipped one, an error that grows with the steps (held-out CLIP at 20
+            # steps 55.8 -> 61.2, at 50 steps 40.5 -> 61.0 on the default world).
+            "clip_sample": False,
             "set_alpha_to_one": True,
             "timestep_spacing": "trailing",  # start at t = 999, where training saw pure noise
         }
