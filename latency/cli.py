@@ -284,6 +284,14 @@ def register_validate(measure_factory) -> None:
         ),
         threads: int = typer.Option(None, "--threads"),
         seed: int = typer.Option(0, "--seed"),
+        protocol: str = typer.Option(
+            "separate",
+            "--protocol",
+            help="separate: predict from the table as it is (what a search uses). paired: "
+            "time each network right after its own blocks and predict from those, which checks "
+            "the additive model free of the machine's drift since the table was built (the "
+            "table is not changed).",
+        ),
         out: Path = typer.Option(
             Path("latency_validation"),
             "--out",
@@ -298,8 +306,13 @@ def register_validate(measure_factory) -> None:
         precision: str = typer.Option(None, "--precision"),
     ) -> None:
         """Predicted vs measured whole networks: MAPE, ±5%/±10% shares, Kendall τ."""
-        from .validate import scatter_plot, validate
+        from .validate import PROTOCOLS, scatter_plot, validate
 
+        if protocol not in PROTOCOLS:
+            raise typer.BadParameter(
+                f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}",
+                param_hint="--protocol",
+            )
         if samples < 2:
             raise typer.BadParameter("need at least 2 samples", param_hint="--samples")
         if rounds < 1:
@@ -324,7 +337,16 @@ def register_validate(measure_factory) -> None:
                 threads=threads,
             )
             measure = measure_factory(sp, backend)
-            report = validate(sp, predictor, measure, samples, seed=seed, rounds=rounds)
+            report = validate(
+                sp,
+                predictor,
+                measure,
+                samples,
+                seed=seed,
+                rounds=rounds,
+                protocol=protocol,
+                profile=lambda sig: backend.profile(sig).median_ms,
+            )
             if calibrate:
                 c = report.calibration
                 table.add_calibration(
@@ -346,7 +368,7 @@ def register_validate(measure_factory) -> None:
             console.print_json(json.dumps(report.to_dict()))
         else:
             console.print(
-                f"{sp.name} on {device}: MAPE {report.mape:.2f}%, within ±5% "
+                f"{sp.name} on {device} ({protocol}): MAPE {report.mape:.2f}%, within ±5% "
                 f"{100 * report.within_5:.0f}%, within ±10% {100 * report.within_10:.0f}%, "
                 f"Kendall τ {report.kendall_tau:.3f} ({len(report.archs)} networks)\n"
                 f"calibrated MAPE {report.calibration['mape_after']:.2f}%; wrote {out}/"

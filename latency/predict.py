@@ -6,6 +6,7 @@ arithmetic alone, as the evolution loop needs for every action of every iteratio
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 from search_spaces import Architecture, SearchSpace, UserError
@@ -91,6 +92,20 @@ class Predictor:
         return Prediction(
             total, raw, blocks, self.fixed_ms, per_stage, per_slot, self.calibration is not None
         )
+
+    def signatures(self, arch: Architecture) -> list[BlockSignature]:
+        """The distinct signatures the network of `arch` runs: its blocks and the fixed parts."""
+        self.space.validate(arch)
+        used = [p for p in self.parts if p.name not in self.space.slots or arch[p.name] > 0]
+        return list(dict.fromkeys(p.signature for p in used))
+
+    def with_latencies(self, ms: dict[str, float]) -> Predictor:
+        """A copy whose blocks of these signature hashes take these latencies ({hash: ms});
+        the others keep the table's."""
+        new = copy.copy(self)
+        new.ms = {p.name: ms.get(p.signature.hash, self.ms[p.name]) for p in self.parts}
+        new.fixed_ms = sum(new.ms[p.name] for p in self.parts if p.stage == "fixed")
+        return new
 
     def delta_ms(self, arch: Architecture, slot: str, kind: str) -> float:
         """Latency change of an action (remove: negative), from the table alone."""

@@ -13,6 +13,7 @@ from search_spaces import Architecture, SearchSpace
 
 from .predict import Predictor
 from .profile import progress_bar
+from .signature import BlockSignature
 
 
 @dataclass
@@ -30,6 +31,7 @@ class ValidationReport:
     # rounds >= 2: the same networks measured twice (first round vs second) scored like a
     # prediction: MAPE and τ no table can beat on this device, the timing noise ceiling
     repeat: dict = field(default_factory=dict)
+    protocol: str = "separate"  # "paired": each network predicted from its blocks timed just before
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -60,6 +62,9 @@ def random_archs(
     return archs
 
 
+PROTOCOLS = ("separate", "paired")
+
+
 def validate(
     space: SearchSpace,
     predictor: Predictor,
@@ -69,6 +74,8 @@ def validate(
     include_original: bool = True,
     progress: bool = True,
     rounds: int = 1,
+    protocol: str = "separate",
+    profile: Callable[[BlockSignature], float] | None = None,
 ) -> ValidationReport:
     """Predict and measure `samples` random legal architectures (and the original).
 
@@ -76,25 +83,46 @@ def validate(
     and keeps its fastest median: machine load, clock ramps and cache state only ever add
     time, and they drift during a run, so a network timed once early and another timed once
     late are not compared fairly. The first two rounds also give the noise ceiling
-    (`ValidationReport.repeat`)."""
+    (`ValidationReport.repeat`).
+
+    `protocol`: "separate" predicts from the table as it is; "paired" times each network
+    right after its own blocks (`profile(signature) -> ms`, the same backend and thread count)
+    and predicts from those fresh timings, so both sides see the same state of the machine.
+    Separate checks the table a search would use; paired checks the additive model itself,
+    free of how far the machine drifted since the table was built. The table is not changed.
+    """
     if rounds < 1:
         raise ValueError(f"rounds={rounds}: measure every network at least once")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}: choose from {', '.join(PROTOCOLS)}")
+    if protocol == "paired" and profile is None:
+        raise ValueError("the paired protocol times each network's blocks: pass profile")
     archs = random_archs(space, samples, seed, include_original)
-    predicted = [predictor.predict(arch).raw_ms for arch in archs]
+    predicted: list[list[float]] = [[] for _ in archs]
     times: list[list[float]] = [[] for _ in archs]
     order = list(range(len(archs)))
     rng = random.Random(seed)
     with progress_bar() as bar:
         task = bar.add_task(
-            f"measuring {space.name} networks", total=rounds * len(archs), visible=progress
+            f"measuring {space.name} networks ({protocol})",
+            total=rounds * len(archs),
+            visible=progress,
         )
         for r in range(rounds):
             if r:
                 rng.shuffle(order)  # round 1 in sampling order, later ones shuffled
             for i in order:
+                p = predictor
+                if protocol == "paired":
+                    p = predictor.with_latencies(
+                        {sig.hash: profile(sig) for sig in predictor.signatures(archs[i])}
+                    )
+                predicted[i].append(p.predict(archs[i]).raw_ms)
                 times[i].append(measure(archs[i]))
                 bar.advance(task)
-    return build_report(space, predictor.device, archs, predicted, times)
+    # paired: each side keeps its fastest round (separate: the table's value every round)
+    best = [min(p) for p in predicted]
+    return build_report(space, predictor.device, archs, best, times, protocol)
 
 
 def build_report(
@@ -103,6 +131,7 @@ def build_report(
     archs: list[Architecture],
     predicted: list[float],
     times: list[list[float]],
+    protocol: str = "separate",
 ) -> ValidationReport:
     """The report of `predicted` ms against each network's timings, one per round: each
     network's fastest is its measurement; rounds 1 and 2 give the noise ceiling."""
@@ -126,6 +155,7 @@ def build_report(
             "mape_after": accuracy(calibrated, measured)["mape"],
         },
         repeat=repeat,
+        protocol=protocol,
     )
 
 

@@ -13,6 +13,7 @@ import platform
 import sqlite3
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -33,7 +34,7 @@ from latency.signature import (
     unet_parts,
 )
 from latency.table import LatencyTable, Measurement
-from latency.validate import accuracy, scatter_plot, validate
+from latency.validate import accuracy, random_archs, scatter_plot, validate
 from search_spaces import Architecture, ArchitectureError, UserError, load_space
 from search_spaces.unet import build_unet
 
@@ -942,6 +943,63 @@ def test_validate_in_rounds_keeps_each_networks_fastest_and_reports_the_noise(pr
     assert one.repeat == {}
     with pytest.raises(ValueError, match="rounds=0"):
         validate(space, predictor, measure, samples=4, progress=False, rounds=0)
+
+
+def test_predictor_signatures_of_a_network_and_fresh_latencies(predictor, space, parts):
+    original = space.original()
+    every = {p.signature.hash for p in parts}
+    assert {s.hash for s in predictor.signatures(original)} == every
+    # a removed block whose signature no other part shares leaves the network's signatures
+    counts = Counter(p.signature.hash for p in parts)
+    slot = next(
+        p
+        for p in parts
+        if p.name in space.slots
+        and counts[p.signature.hash] == 1
+        and not space.violations(original.with_multiplicity(p.name, 0))
+    )
+    cut = original.with_multiplicity(slot.name, 0)
+    assert {s.hash for s in predictor.signatures(cut)} == every - {slot.signature.hash}
+    # fresh latencies replace the table's for those signatures only, fixed parts included
+    fixed = next(p for p in parts if p.stage == "fixed")
+    fresh = predictor.with_latencies({slot.signature.hash: 100.0, fixed.signature.hash: 50.0})
+    n_fixed = sum(p.signature.hash == fixed.signature.hash for p in parts if p.stage == "fixed")
+    grow = original[slot.name] * (100.0 - predictor.block_ms(slot.name))
+    grow += n_fixed * (50.0 - predictor.ms[fixed.name])
+    before = predictor.predict(original).raw_ms
+    assert fresh.predict(original).raw_ms == pytest.approx(before + grow)
+    assert predictor.block_ms(slot.name) != 100.0  # the original predictor is unchanged
+
+
+def test_paired_validation_predicts_from_blocks_timed_beside_each_network(predictor, space):
+    # the machine got 1.5x slower since the table was built: the separate protocol blames the
+    # table for it; the paired one times the blocks in the same state and finds the model exact
+    profiled = []
+
+    def profile(sig):
+        profiled.append(sig.hash)
+        return 1.5 * predictor.ms[next(p.name for p in predictor.parts if p.signature == sig)]
+
+    def measure(arch):
+        return 1.5 * predictor.predict(arch).raw_ms
+
+    separate = validate(space, predictor, measure, samples=4, seed=0, progress=False)
+    assert separate.protocol == "separate" and separate.mape == pytest.approx(100 / 3)
+    paired = validate(
+        space, predictor, measure, 4, seed=0, progress=False, protocol="paired", profile=profile
+    )
+    assert paired.protocol == "paired" and paired.archs == separate.archs
+    assert paired.mape == pytest.approx(0.0, abs=1e-9)
+    assert paired.predicted_ms == pytest.approx(paired.measured_ms)
+    # each network's own blocks only, once per network
+    archs = random_archs(space, 4, seed=0)
+    assert [a.hash for a in archs] == paired.archs
+    wanted = [s.hash for a in archs for s in predictor.signatures(a)]
+    assert sorted(profiled) == sorted(wanted)
+    with pytest.raises(ValueError, match="pass profile"):
+        validate(space, predictor, measure, 4, progress=False, protocol="paired")
+    with pytest.raises(ValueError, match="unknown protocol 'both'"):
+        validate(space, predictor, measure, 4, progress=False, protocol="both")
 
 
 def test_build_in_rounds_stores_each_blocks_fastest_round(tmp_path, space):

@@ -250,6 +250,28 @@ def test_validate_writes_the_report_and_the_plot(db, tmp_path, capsys):
         assert table.calibration(DEVICE, "tiny") is None  # only stored with --calibrate
 
 
+def test_validate_paired_times_each_networks_blocks_and_leaves_the_table(db, tmp_path, capsys):
+    rows = row_count(db)
+    out_dir = tmp_path / "paired"
+    args = ("--device", DEVICE, "--db", db, "--out", out_dir, "--protocol", "paired")
+    code, out, err = run(capsys, *VALIDATE.split(), *args)
+    assert code == 0, err
+    report = json.loads((out_dir / f"tiny-{DEVICE}.json").read_text())
+    assert report["protocol"] == "paired" and len(report["measured_ms"]) == 3
+    assert all(p > 0 for p in report["predicted_ms"])
+    assert "(paired)" in out
+    assert row_count(db) == rows  # the fresh block timings are not stored
+
+
+def test_validate_unknown_protocol(db, tmp_path, capsys):
+    args = ("--device", DEVICE, "--db", db, "--out", tmp_path / "r", "--protocol", "both")
+    code, out, err = run(capsys, *VALIDATE.split(), *args)
+    assert code == 2 and "Traceback" not in out + err
+    flat = " ".join(err.replace("│", " ").split())  # typer wraps its message in a box
+    assert "unknown protocol 'both'; choose from separate, paired" in flat
+    assert not (tmp_path / "r").exists()
+
+
 def test_validate_a_device_with_several_settings(sigs, db, tmp_path, capsys):
     copy = tmp_path / "two-settings.db"
     with sqlite3.connect(db) as src, sqlite3.connect(copy) as dst:

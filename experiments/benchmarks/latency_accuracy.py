@@ -11,9 +11,10 @@ and the calibrated prediction are reported; the calibration (a linear fit, as st
 the ones it is judged on. The headline is the calibrated MAPE. Blocks and networks alike are
 measured in --rounds passes, each in a new order, keeping each one's fastest; round 1 vs
 round 2 of the networks is the timing noise ceiling, printed as "noise" (what no table can
-beat on this machine). `--protocol paired` times each network right after a fresh pass over
-the blocks instead, so that a drift of the machine between the table and the networks does
-not count as the table's error (what is left is the additive model's error and noise).
+beat on this machine). `--protocol paired` (as `diffnas latency validate --protocol
+paired`) times each network right after its own blocks instead, so that a drift of the
+machine between the table and the networks does not count as the table's error (what is
+left is the additive model's error and noise).
 Writes experiments/benchmarks/results/latency_accuracy.json and a scatter PNG per space;
 the last line printed is `latency_mape_sd15: X`.
 
@@ -31,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import random
 import tempfile
 import time
 from pathlib import Path
@@ -40,9 +40,9 @@ import torch
 
 from latency.backends import get_backend
 from latency.predict import Predictor
-from latency.profile import build_table, progress_bar
+from latency.profile import build_table
 from latency.table import LatencyTable
-from latency.validate import accuracy, build_report, random_archs, scatter_plot, validate
+from latency.validate import accuracy, scatter_plot, validate
 from nas.measure import NetworkTimer
 from search_spaces import load_space
 
@@ -58,29 +58,6 @@ def cpu_ticks() -> tuple[int, int] | None:
     except (OSError, ValueError):
         return None
     return fields[7] if len(fields) > 7 else 0, sum(fields[:8])
-
-
-def paired_validate(space, archs, table, block_backend, timer, device_name, rounds, seed):
-    """Predicted and measured networks, each network timed right after a fresh pass over
-    every block: both sides of a pair see the same state of the machine, so the pair tests
-    the table's additive model, not how far the machine drifted between the table and the
-    network (on this VM, by more than the targets within 20 minutes). Each side keeps its
-    fastest of the `rounds` passes (each pass in a new order)."""
-    pairs: list[list[tuple[float, float]]] = [[] for _ in archs]
-    order, rng = list(range(len(archs))), random.Random(seed)
-    with progress_bar() as bar:
-        task = bar.add_task(f"pairs of {space.name}", total=rounds * len(archs))
-        for r in range(rounds):
-            if r:
-                rng.shuffle(order)
-            for i in order:
-                build_table(space, table, block_backend, device_name, force=True, progress=False)
-                predictor = Predictor(space, table, device_name, calibrate=False)
-                pairs[i].append((predictor.predict(archs[i]).raw_ms, timer(archs[i])))
-                bar.advance(task)
-    predicted = [min(p for p, _ in pair) for pair in pairs]
-    times = [[m for _, m in pair] for pair in pairs]
-    return build_report(space, device_name, archs, predicted, times)
 
 
 def run_space(space, device_name, args, db):
@@ -101,29 +78,24 @@ def run_space(space, device_name, args, db):
     timer = NetworkTimer(space, net_backend)
     with LatencyTable(db) as table:
         built = build_table(space, table, block_backend, device_name, rounds=args.rounds)
-        if args.protocol == "paired":
-            fit_archs = random_archs(space, args.calibration_samples, args.seed + 10_000, False)
-            archs = random_archs(space, args.samples, args.seed)
-            pair = (table, block_backend, timer, device_name, args.rounds)
-            fit = paired_validate(space, fit_archs, *pair, args.seed + 10_000).calibration
-            report = paired_validate(space, archs, *pair, args.seed)
-        else:
-            predictor = Predictor(space, table, device_name, calibrate=False)
-            # calibration (measured ~ a * predicted + b) is fitted on other architectures than
-            # the ones it is judged on: the held-out numbers are what a user of a calibrated
-            # table gets
-            fit = validate(
-                space,
-                predictor,
-                timer,
-                args.calibration_samples,
-                seed=args.seed + 10_000,
-                include_original=False,
-                rounds=args.rounds,
-            ).calibration
-            report = validate(
-                space, predictor, timer, args.samples, seed=args.seed, rounds=args.rounds
-            )
+        predictor = Predictor(space, table, device_name, calibrate=False)
+        how = {
+            "rounds": args.rounds,
+            "protocol": args.protocol,
+            "profile": lambda sig: block_backend.profile(sig).median_ms,  # paired only
+        }
+        # calibration (measured ~ a * predicted + b) is fitted on other architectures than the
+        # ones it is judged on: the held-out numbers are what a user of a calibrated table gets
+        fit = validate(
+            space,
+            predictor,
+            timer,
+            args.calibration_samples,
+            seed=args.seed + 10_000,
+            include_original=False,
+            **how,
+        ).calibration
+        report = validate(space, predictor, timer, args.samples, seed=args.seed, **how)
     suffix = "" if args.compute_unit == "cpu" else f"_{args.compute_unit}"
     scatter_plot(report, RESULTS / f"latency_accuracy_{space.name}{suffix}.png")
     out = report.to_dict()
@@ -134,7 +106,6 @@ def run_space(space, device_name, args, db):
         "intercept": fit["intercept"],
         "fitted_on": args.calibration_samples,
     }
-    out["protocol"] = args.protocol
     out["table_build_seconds"] = built.seconds
     out["blocks"] = len(built.measured)
     out["latent"] = list(space.latent)
@@ -180,7 +151,7 @@ def main() -> None:
         choices=["separate", "paired"],
         default="separate",
         help="separate: the table first, then every network (as a user's table is used); "
-        "paired: each network right after a fresh pass over the blocks (the table's model, "
+        "paired: each network right after a fresh timing of its own blocks (the table's model, "
         "free of the machine's drift between the two)",
     )
     ap.add_argument("--quick", action="store_true", help="tiny only, 6 networks")
