@@ -3,7 +3,7 @@
 Each script measures its ratios side by side in one run, writes its JSON under
 experiments/benchmarks/results/ and prints `name: value` as its last line; this driver
 collects those lines into results/summary.json and results/summary.md (with the command
-and wall time of each).
+and wall time of each; the full profile's go to summary_full.json and summary_full.md).
 
 Two profiles (--profile):
 
@@ -122,9 +122,10 @@ def main() -> None:
             names = [n for n in names if n not in GPU_ONLY]
     rows = [run(n, benchmarks[n]) for n in names]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    previous = RESULTS / "summary.json"
-    if args.only and previous.is_file():  # re-running some: keep the others' rows
-        before = json.loads(previous.read_text())
+    stem = "summary" if args.profile == "quick" else f"summary_{args.profile}"
+    summary_path = RESULTS / f"{stem}.json"
+    if args.only and summary_path.is_file():  # re-running some: keep the others' rows
+        before = json.loads(summary_path.read_text())
         if before.get("profile") == args.profile:
             fresh = {r["benchmark"]: r for r in rows}
             kept = [fresh.pop(r["benchmark"], r) for r in before["benchmarks"]]
@@ -138,7 +139,7 @@ def main() -> None:
         "profile": args.profile,
         "benchmarks": rows,
     }
-    (RESULTS / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
     table = [
         "| benchmark | metric | value | seconds | command | ran |",
         "|---|---|---|---|---|---|",
@@ -149,7 +150,7 @@ def main() -> None:
             f"| {r['benchmark']} | {r['metric'] or ''} | {shown} | {r['seconds']} | "
             f"`{r['command']}` | {r.get('created', '')} |"
         )
-    (RESULTS / "summary.md").write_text("\n".join(table) + "\n")
+    (RESULTS / f"{stem}.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))
     failed = [r["benchmark"] for r in rows if not r["ok"]]
     total = sum(r["seconds"] for r in rows)  # of the rows shown, including kept ones
