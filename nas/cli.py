@@ -180,10 +180,10 @@ def _open_world(config_file: Path | None, threads: int | None, rebuild: bool = F
 def world_build_cmd(
     rebuild: bool = typer.Option(False, "--rebuild", help="Train again, ignoring the cache."),
     config: Path = typer.Option(None, "--config", help=WORLD_CONFIG_HELP),
-    threads: int = typer.Option(None, "--threads", help=THREADS_HELP),
 ) -> None:
-    """Build the tiny world (first use: a few minutes) or show the cached one."""
-    world = _open_world(config, threads, rebuild)
+    """Build the tiny world (first use: a few minutes) or show the cached one. The build
+    always uses 2 torch threads, so that a config gives the same world everywhere."""
+    world = _open_world(config, None, rebuild)
     m = world.metrics
     typer.echo(f"tiny world {m['config_hash']} in {world.folder}")
     typer.echo(

@@ -21,7 +21,7 @@ from nas import shapes
 from nas.cli import main
 from nas.clip import ClipScorer, clip_score, retrieval_top1
 from nas.generate import generate, initial_noise
-from nas.world import TinyWorld, TinyWorldConfig, config_hash, load_tiny_world
+from nas.world import BUILD_THREADS, TinyWorld, TinyWorldConfig, config_hash, load_tiny_world
 from search_spaces import UserError, load_space
 
 MINI = TinyWorldConfig.miniature()
@@ -372,8 +372,15 @@ def test_cache_is_keyed_by_the_config_content(world, cache):
 
 
 def test_rebuild_trains_again_and_reproduces(world):
-    rebuilt = load_tiny_world(MINI, progress=False, rebuild=True)
-    assert rebuilt.built
+    # the fixture's build was called with this module's 1 thread, the rebuild with 3: the
+    # build's own fixed thread count makes the weights the same bit for bit
+    torch.set_num_threads(3)
+    try:
+        rebuilt = load_tiny_world(MINI, progress=False, rebuild=True)
+        assert torch.get_num_threads() == 3  # the caller's count is given back
+    finally:
+        torch.set_num_threads(1)
+    assert rebuilt.built and rebuilt.metrics["torch_threads"] == BUILD_THREADS
     for name, p in world.supernet.state_dict().items():
         assert torch.equal(p, rebuilt.supernet.state_dict()[name]), name  # seeded: same weights
     prompts = ["a red circle on the left"]
