@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 from scipy.stats import kendalltau
+from tqdm import tqdm
 
 from latency.predict import Predictor
 from nas.evaluate import Evaluator, Protocol, action_value
@@ -84,7 +85,7 @@ def main() -> None:
         ev = evaluator(steps)
         start = time.perf_counter()
         base = ev.scores(arch)
-        rows = [ev.scores(arch.apply(a)) for a in actions]
+        rows = [ev.scores(arch.apply(a)) for a in tqdm(actions, desc=f"{steps} steps: actions")]
         seconds[steps] = (time.perf_counter() - start) / (len(actions) + 1)
         per_image[steps] = {"base": base, "actions": rows}
         print(f"{steps:3d} steps: {seconds[steps]:.2f} s per action ({len(prompts)} images)")
