@@ -96,8 +96,8 @@ def run_space(space, device_name, args, db):
             **how,
         ).calibration
         report = validate(space, predictor, timer, args.samples, seed=args.seed, **how)
-    suffix = "" if args.compute_unit == "cpu" else f"_{args.compute_unit}"
-    scatter_plot(report, RESULTS / f"latency_accuracy_{space.name}{suffix}.png")
+    # the scatter goes beside the JSON: latency_accuracy[...]_SPACE.png
+    scatter_plot(report, args.out.with_name(f"{args.out.stem}_{space.name}.png"))
     out = report.to_dict()
     calibrated = [fit["slope"] * p + fit["intercept"] for p in report.predicted_ms]
     out["calibrated"] = {
@@ -162,11 +162,17 @@ def main() -> None:
         "--out",
         type=Path,
         default=None,
-        help="JSON file to write (default: results/latency_accuracy[_quick][_cuda].json)",
+        help="JSON file to write (default: results/latency_accuracy[_quick][_cuda].json); "
+        "the scatter plots go beside it (NAME_sd15.png, NAME_tiny.png)",
     )
     args = ap.parse_args()
     if args.quick:
         args.samples = 6
+    if args.out is None:
+        suffix = ("_quick" if args.quick else "") + (
+            "" if args.compute_unit == "cpu" else f"_{args.compute_unit}"
+        )
+        args.out = RESULTS / f"latency_accuracy{suffix}.json"
     RESULTS.mkdir(parents=True, exist_ok=True)
 
     spaces = [load_space("tiny")]
@@ -195,7 +201,6 @@ def main() -> None:
             results["sd15_64x64_table_build_seconds"] = built.seconds
             results["sd15_64x64_table_blocks"] = len(built.measured)
 
-    suffix = "" if args.compute_unit == "cpu" else f"_{args.compute_unit}"
     end = cpu_ticks()
     steal = (end[0] - ticks[0]) / max(end[1] - ticks[1], 1) if ticks and end else None
     summary = {
@@ -213,8 +218,7 @@ def main() -> None:
         "results": results,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    name = "latency_accuracy" + ("_quick" if args.quick else "") + suffix + ".json"
-    (args.out or RESULTS / name).write_text(json.dumps(summary, indent=2) + "\n")
+    args.out.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"{'space':8} {'':10} {'MAPE %':>8} {'±5%':>6} {'±10%':>6} {'τ':>6} {'build s':>8}")
     for key, r in results.items():
         if isinstance(r, dict):
