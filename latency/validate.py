@@ -120,35 +120,23 @@ def validate(
                 predicted[i].append(p.predict(archs[i]).raw_ms)
                 times[i].append(measure(archs[i]))
                 bar.advance(task)
-    # paired: each side keeps its fastest round (separate: the table's value every round)
-    best = [min(p) for p in predicted]
-    return build_report(space, predictor.device, archs, best, times, protocol)
-
-
-def build_report(
-    space: SearchSpace,
-    device: str,
-    archs: list[Architecture],
-    predicted: list[float],
-    times: list[list[float]],
-    protocol: str = "separate",
-) -> ValidationReport:
-    """The report of `predicted` ms against each network's timings, one per round: each
-    network's fastest is its measurement; rounds 1 and 2 give the noise ceiling."""
+    # each network keeps its fastest round, and so does a paired prediction (separate: the
+    # table's value every round)
+    predicted_ms = [min(p) for p in predicted]
     measured = [min(t) for t in times]
-    fit = stats.linregress(predicted, measured)
-    calibrated = [fit.slope * p + fit.intercept for p in predicted]
+    fit = stats.linregress(predicted_ms, measured)
+    calibrated = [fit.slope * p + fit.intercept for p in predicted_ms]
     repeat = {}
-    if all(len(t) > 1 for t in times):
+    if rounds > 1:
         first, second = [t[0] for t in times], [t[1] for t in times]
         repeat = {k: accuracy(second, first)[k] for k in ("mape", "within_10", "kendall_tau")}
     return ValidationReport(
         space=space.name,
-        device=device,
+        device=predictor.device,
         archs=[a.hash for a in archs],
-        predicted_ms=predicted,
+        predicted_ms=predicted_ms,
         measured_ms=measured,
-        **accuracy(predicted, measured),
+        **accuracy(predicted_ms, measured),
         calibration={
             "slope": float(fit.slope),
             "intercept": float(fit.intercept),
