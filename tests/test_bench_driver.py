@@ -16,18 +16,20 @@ RUN_ALL = Path(__file__).parents[1] / "experiments" / "benchmarks" / "run_all.py
 
 @pytest.fixture
 def driver(tmp_path, monkeypatch):
-    """run_all with two profiles of tiny scripts in a private folder."""
+    """run_all with two profiles of tiny scripts in a private repository layout."""
     spec = importlib.util.spec_from_file_location("run_all_under_test", RUN_ALL)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    bench = tmp_path / "experiments" / "benchmarks"
+    bench.mkdir(parents=True)
     for name, value in (("alpha", "1.5"), ("beta", "7")):
         # each prints its flags, then its metric as the last line
-        (tmp_path / f"{name}.py").write_text(
+        (bench / f"{name}.py").write_text(
             f"import sys\nprint('flags', sys.argv[1:])\nprint('{name}_metric: {value}')\n"
         )
-    (tmp_path / "broken.py").write_text("raise SystemExit(3)\n")
-    monkeypatch.setattr(module, "HERE", tmp_path)
-    monkeypatch.setattr(module, "RESULTS", tmp_path / "results")
+    (bench / "broken.py").write_text("raise SystemExit(3)\n")
+    monkeypatch.setattr(module, "HERE", bench)
+    monkeypatch.setattr(module, "RESULTS", bench / "results")
     monkeypatch.setattr(
         module,
         "PROFILES",
@@ -44,23 +46,23 @@ def run(driver, monkeypatch, *args):
 
 def test_quick_profile_collects_every_last_line(driver, monkeypatch, tmp_path, capsys):
     run(driver, monkeypatch)
-    summary = json.loads((tmp_path / "results" / "summary.json").read_text())
+    summary = json.loads((driver.RESULTS / "summary.json").read_text())
     assert summary["profile"] == "quick"
     rows = {r["benchmark"]: r for r in summary["benchmarks"]}
     assert rows["alpha"]["metric"] == "alpha_metric" and rows["alpha"]["value"] == "1.5"
     assert rows["alpha"]["command"].endswith("alpha.py --fast")
     assert rows["beta"]["value"] == "7" and all(r["ok"] for r in rows.values())
-    table = (tmp_path / "results" / "summary.md").read_text()
+    table = (driver.RESULTS / "summary.md").read_text()
     assert "| alpha | alpha_metric | 1.5 |" in table
     assert "flags ['--fast']" in capsys.readouterr().out  # the script got the profile's flags
 
 
 def test_only_reruns_some_and_keeps_the_other_rows(driver, monkeypatch, tmp_path):
     run(driver, monkeypatch)
-    before = json.loads((tmp_path / "results" / "summary.json").read_text())["benchmarks"]
-    (tmp_path / "beta.py").write_text("print('beta_metric: 8')\n")
+    before = json.loads((driver.RESULTS / "summary.json").read_text())["benchmarks"]
+    (driver.HERE / "beta.py").write_text("print('beta_metric: 8')\n")
     run(driver, monkeypatch, "--only", "beta")
-    after = json.loads((tmp_path / "results" / "summary.json").read_text())["benchmarks"]
+    after = json.loads((driver.RESULTS / "summary.json").read_text())["benchmarks"]
     assert [r["benchmark"] for r in after] == ["alpha", "beta"]
     assert after[0] == before[0]  # kept as it was, with its own time
     assert after[1]["value"] == "8"
@@ -68,15 +70,19 @@ def test_only_reruns_some_and_keeps_the_other_rows(driver, monkeypatch, tmp_path
 
 def test_full_profile_keeps_its_own_summary_and_reports_failures(driver, monkeypatch, tmp_path):
     run(driver, monkeypatch)
-    quick = (tmp_path / "results" / "summary.json").read_text()
+    quick = (driver.RESULTS / "summary.json").read_text()
     with pytest.raises(SystemExit, match="failed: broken"):
         run(driver, monkeypatch, "--profile", "full")
-    assert (tmp_path / "results" / "summary.json").read_text() == quick  # untouched
-    full = json.loads((tmp_path / "results" / "summary_full.json").read_text())
+    assert (driver.RESULTS / "summary.json").read_text() == quick  # untouched
+    full = json.loads((driver.RESULTS / "full" / "summary.json").read_text())
     rows = {r["benchmark"]: r for r in full["benchmarks"]}
     assert rows["alpha"]["ok"] and not rows["broken"]["ok"]
     assert rows["broken"]["returncode"] == 3 and rows["broken"]["value"] is None
-    assert "FAILED (exit 3)" in (tmp_path / "results" / "summary_full.md").read_text()
+    assert "FAILED (exit 3)" in (driver.RESULTS / "full" / "summary.md").read_text()
+    # its scripts were told to write into the profile's own folder
+    assert rows["alpha"]["command"].endswith(
+        "alpha.py --out experiments/benchmarks/results/full/alpha.json"
+    )
 
 
 def test_unknown_benchmark_is_one_clear_error(driver, monkeypatch, tmp_path, capsys):
@@ -85,4 +91,4 @@ def test_unknown_benchmark_is_one_clear_error(driver, monkeypatch, tmp_path, cap
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "unknown benchmark(s) gamma in profile quick; choose from alpha, beta" in err
-    assert not (tmp_path / "results").exists()
+    assert not (driver.RESULTS).exists()

@@ -160,6 +160,13 @@ def main() -> None:
         action="store_true",
         help="score again from the block timings of the last run (no timing)",
     )
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="JSON file to write (default: results/latency_transfer[_quick].json); the block "
+        "timings that --reuse reads go beside it (NAME_times_PAIR.json)",
+    )
     args = ap.parse_args()
     if args.quick:
         args.repeats, args.rounds = 3, 2
@@ -167,14 +174,15 @@ def main() -> None:
     for p in pairs:
         if p not in PAIRS:
             ap.error(f"unknown pair {p!r}; choose from {', '.join(PAIRS)}")
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    out_path = args.out or RESULTS / f"latency_transfer{'_quick' if args.quick else ''}.json"
+    out_path.parent.mkdir(parents=True, exist_ok=True)
     pool = signature_pool(args.quick)
     what = "tiny b1/b2/b4" + ("" if args.quick else ", sd15 + sd21 at 16x16 b1")
     print(f"{len(pool)} distinct blocks ({what})")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for pair in pairs:
-            saved = RESULTS / f"latency_transfer_times_{pair}{'_quick' if args.quick else ''}.json"
+            saved = out_path.with_name(f"{out_path.stem}_times_{pair}.json")
             if args.reuse:
                 data = json.loads(saved.read_text())
                 kept = [s for s in pool if s.hash in set(data["kept"])]
@@ -229,8 +237,7 @@ def main() -> None:
         "results": results,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    name = "latency_transfer_quick.json" if args.quick else "latency_transfer.json"
-    (RESULTS / name).write_text(json.dumps(summary, indent=2) + "\n")
+    out_path.write_text(json.dumps(summary, indent=2) + "\n")
     print(
         f"{'pair':8} {'K':>3} {'τ':>6} {'MAPE %':>7} {'τ rank-by-A':>12} {'MAPE ratio':>11}"
         f" {'τ random K':>11} {'τ ceiling':>10}"

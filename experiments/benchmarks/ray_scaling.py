@@ -70,6 +70,7 @@ def main() -> None:
     parser.add_argument(
         "--experiment", type=Path, default=ROOT / "experiments" / "tiny.yaml", help="protocol"
     )
+    parser.add_argument("--out", type=Path, default=None, help="JSON file to write")
     args = parser.parse_args()
     rounds = args.rounds or (1 if args.miniature else 3)
     torch.set_num_threads(1)
@@ -161,8 +162,10 @@ def main() -> None:
         "actors_start_seconds": actors_start_s,
         "targets": {"overhead_max": 1.10, "speedup_min": 1.6},
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / ("ray_scaling_miniature.json" if args.miniature else "ray_scaling.json")
+    out = args.out or RESULTS / (
+        "ray_scaling_miniature.json" if args.miniature else "ray_scaling.json"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     for k, v in per_action.items():
         print(f"{k:10s} {v:.3f} s/action")

@@ -1,9 +1,10 @@
 """`make bench` and `make bench-full`: the benchmarks, one after the other, then a summary.
 
-Each script measures its ratios side by side in one run, writes its JSON under
-experiments/benchmarks/results/ and prints `name: value` as its last line; this driver
-collects those lines into results/summary.json and results/summary.md (with the command
-and wall time of each; the full profile's go to summary_full.json and summary_full.md).
+Each script measures its ratios side by side in one run, writes its JSON and prints
+`name: value` as its last line; this driver collects those lines into summary.json and
+summary.md (with the command and wall time of each). Each profile has its own folder, so
+a long run never replaces the quick results the README quotes: experiments/benchmarks/results/
+for quick, results/full/ for full (the scripts are given `--out` there).
 
 Two profiles (--profile):
 
@@ -11,9 +12,10 @@ Two profiles (--profile):
            latency accuracy, latency transfer, search fidelity, Ray scaling) with fewer
            repeats: about 22 minutes on 2 CPU cores once the tiny world is cached (the first
            script builds it otherwise: +8.5 min). The README's results are this profile's.
-    full   `make bench-full`: every script with its own defaults, plus the evaluation-cost and
-           strategy comparisons (about 75 minutes on 2 cores), and the GPU benchmark
-           (sd15_action) where torch sees a CUDA GPU.
+    full   `make bench-full`: every script with its own defaults (latency accuracy in the
+           paired protocol), plus the evaluation-cost and strategy comparisons (about 75
+           minutes on 2 cores), and the GPU benchmark (sd15_action) where torch sees a CUDA
+           GPU. Its results go to results/full/.
 
     python experiments/benchmarks/run_all.py                      # quick
     python experiments/benchmarks/run_all.py --profile full
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -61,7 +64,18 @@ PROFILES: dict[str, dict[str, list[str]]] = {
     "full": {
         "tiny_world": ["--threads", "1"],
         "supernet_overhead": ["--threads", "1"],
-        "latency_accuracy": [],
+        # the paired protocol (each network right after its own blocks) with 3 repeats each:
+        # the additive model's own error, free of drift; make bench's row is the separate one
+        "latency_accuracy": [
+            "--protocol",
+            "paired",
+            "--net-repeats",
+            "3",
+            "--block-repeats",
+            "3",
+            "--warmup",
+            "1",
+        ],
         "latency_transfer": [],
         "search_fidelity": [],
         "eval_cost": [],
@@ -73,11 +87,14 @@ PROFILES: dict[str, dict[str, list[str]]] = {
 GPU_ONLY = {"sd15_action"}
 
 
-def run(name: str, flags: list[str]) -> dict:
+def run(name: str, flags: list[str], folder: Path) -> dict:
+    root = HERE.parents[1]  # the repository: commands run from there, as `make bench` does
+    if folder != RESULTS:  # the scripts write under RESULTS unless told otherwise
+        flags = [*flags, "--out", os.path.relpath(folder / f"{name}.json", root)]
     command = [sys.executable, str(HERE / f"{name}.py"), *flags]
     print(f"== {name}: {' '.join(command[1:])}", flush=True)
     start = time.perf_counter()
-    proc = subprocess.run(command, stdout=subprocess.PIPE, stderr=None, text=True)
+    proc = subprocess.run(command, stdout=subprocess.PIPE, stderr=None, text=True, cwd=root)
     seconds = time.perf_counter() - start
     sys.stdout.write(proc.stdout)
     lines = [line for line in proc.stdout.strip().splitlines() if line.strip()]
@@ -120,10 +137,10 @@ def main() -> None:
             skipped = sorted(GPU_ONLY & set(names))
             print(f"no CUDA GPU: skipping {', '.join(skipped)}", flush=True)
             names = [n for n in names if n not in GPU_ONLY]
-    rows = [run(n, benchmarks[n]) for n in names]
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = "summary" if args.profile == "quick" else f"summary_{args.profile}"
-    summary_path = RESULTS / f"{stem}.json"
+    folder = RESULTS if args.profile == "quick" else RESULTS / args.profile
+    rows = [run(n, benchmarks[n], folder) for n in names]
+    folder.mkdir(parents=True, exist_ok=True)
+    summary_path = folder / "summary.json"
     if args.only and summary_path.is_file():  # re-running some: keep the others' rows
         before = json.loads(summary_path.read_text())
         if before.get("profile") == args.profile:
@@ -150,7 +167,7 @@ def main() -> None:
             f"| {r['benchmark']} | {r['metric'] or ''} | {shown} | {r['seconds']} | "
             f"`{r['command']}` | {r.get('created', '')} |"
         )
-    (RESULTS / f"{stem}.md").write_text("\n".join(table) + "\n")
+    (folder / "summary.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))
     failed = [r["benchmark"] for r in rows if not r["ok"]]
     total = sum(r["seconds"] for r in rows)  # of the rows shown, including kept ones
