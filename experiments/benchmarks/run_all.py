@@ -12,10 +12,10 @@ Two profiles (--profile):
            latency accuracy, latency transfer, search fidelity, Ray scaling) with fewer
            repeats: about 22 minutes on 2 CPU cores once the tiny world is cached (the first
            script builds it otherwise: +8.5 min). The README's results are this profile's.
-    full   `make bench-full`: every script with its own defaults (latency accuracy in the
-           paired protocol), plus the evaluation-cost and strategy comparisons (about 75
-           minutes on 2 cores), and the GPU benchmark (sd15_action) where torch sees a CUDA
-           GPU. Its results go to results/full/.
+    full   `make bench-full`: every script with more repeats (mostly its own defaults;
+           latency accuracy in the paired protocol), plus the evaluation-cost and strategy
+           comparisons (about 75 minutes on 2 cores), and the GPU benchmark (sd15_action)
+           where torch sees a CUDA GPU. Its results go to results/full/.
 
     python experiments/benchmarks/run_all.py                      # quick
     python experiments/benchmarks/run_all.py --profile full
@@ -63,7 +63,9 @@ PROFILES: dict[str, dict[str, list[str]]] = {
     },
     "full": {
         "tiny_world": ["--threads", "1"],
-        "supernet_overhead": ["--threads", "1"],
+        # more sd15 repeats than quick's 9: at the script's default 5 one slow run moves the
+        # median ratio by 10% on this CPU
+        "supernet_overhead": ["--threads", "1", "--repeats", "15"],
         # the paired protocol (each network right after its own blocks) with 3 repeats each:
         # the additive model's own error, free of drift; make bench's row is the separate one
         "latency_accuracy": [
