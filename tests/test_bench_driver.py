@@ -44,7 +44,7 @@ def run(driver, monkeypatch, *args):
     driver.main()
 
 
-def test_quick_profile_collects_every_last_line(driver, monkeypatch, tmp_path, capsys):
+def test_quick_profile_collects_every_last_line(driver, monkeypatch, capsys):
     run(driver, monkeypatch)
     summary = json.loads((driver.RESULTS / "summary.json").read_text())
     assert summary["profile"] == "quick"
@@ -57,7 +57,7 @@ def test_quick_profile_collects_every_last_line(driver, monkeypatch, tmp_path, c
     assert "flags ['--fast']" in capsys.readouterr().out  # the script got the profile's flags
 
 
-def test_only_reruns_some_and_keeps_the_other_rows(driver, monkeypatch, tmp_path):
+def test_only_reruns_some_and_keeps_the_other_rows(driver, monkeypatch):
     run(driver, monkeypatch)
     before = json.loads((driver.RESULTS / "summary.json").read_text())["benchmarks"]
     (driver.HERE / "beta.py").write_text("print('beta_metric: 8')\n")
@@ -68,7 +68,7 @@ def test_only_reruns_some_and_keeps_the_other_rows(driver, monkeypatch, tmp_path
     assert after[1]["value"] == "8"
 
 
-def test_full_profile_keeps_its_own_summary_and_reports_failures(driver, monkeypatch, tmp_path):
+def test_full_profile_keeps_its_own_summary_and_reports_failures(driver, monkeypatch):
     run(driver, monkeypatch)
     quick = (driver.RESULTS / "summary.json").read_text()
     with pytest.raises(SystemExit, match="failed: broken"):
@@ -85,10 +85,10 @@ def test_full_profile_keeps_its_own_summary_and_reports_failures(driver, monkeyp
     )
 
 
-def test_unknown_benchmark_is_one_clear_error(driver, monkeypatch, tmp_path, capsys):
+def test_unknown_benchmark_is_one_clear_error(driver, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         run(driver, monkeypatch, "--only", "gamma")
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "unknown benchmark(s) gamma in profile quick; choose from alpha, beta" in err
-    assert not (driver.RESULTS).exists()
+    assert not driver.RESULTS.exists()
