@@ -392,6 +392,10 @@ def test_config_checks_and_files(tmp_path):
         load_tiny_world(replace(MINI, clip_steps=0), progress=False)
     with pytest.raises(UserError, match="clip_width"):
         load_tiny_world(replace(MINI, clip_width=96), progress=False)
+    with pytest.raises(UserError, match="unknown lr_scheduler 'cosin'"):
+        load_tiny_world(replace(MINI, unet_lr_scheduler="cosin"), progress=False)
+    with pytest.raises(UserError, match="snr_gamma=-1"):
+        load_tiny_world(replace(MINI, unet_snr_gamma=-1.0), progress=False)
     path = tmp_path / "world.json"
     path.write_text(json.dumps({"unet_steps": 3, "clip_steps": 2}))
     assert TinyWorldConfig.from_json(path) == TinyWorldConfig(unet_steps=3, clip_steps=2)
@@ -403,6 +407,17 @@ def test_config_checks_and_files(tmp_path):
         TinyWorldConfig.from_json(path)
     with pytest.raises(UserError, match="does not exist"):
         TinyWorldConfig.from_json(tmp_path / "missing.json")
+
+
+def test_unet_training_fields_reach_the_trainer():
+    from nas.world import _unet_train_config
+
+    config = replace(MINI, unet_lr_scheduler="cosine", unet_warmup_steps=5, unet_snr_gamma=5.0)
+    train_config = _unet_train_config(config)
+    assert train_config.lr_scheduler == "cosine"
+    assert train_config.lr_warmup_steps == 5
+    assert train_config.snr_gamma == 5.0
+    assert _unet_train_config(MINI).snr_gamma is None
 
 
 # -- the command line ----------------------------------------------------------------------------

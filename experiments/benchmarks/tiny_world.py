@@ -61,6 +61,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="16 prompts, no single removals")
     parser.add_argument("--miniature", action="store_true", help="the test world (smoke run)")
     parser.add_argument("--out", type=Path, default=None, help="JSON file to write")
+    parser.add_argument(
+        "--world-config", type=Path, default=None, help="JSON of TinyWorldConfig fields"
+    )
     args = parser.parse_args()
     if args.out is None:
         name = "tiny_world_miniature.json" if args.miniature else "tiny_world.json"
@@ -71,7 +74,10 @@ def main() -> None:
 
     # built (if not cached) with torch's default threads, as `make run` builds it; --threads is
     # for the measurements after
-    config = TinyWorldConfig.miniature() if args.miniature else TinyWorldConfig()
+    if args.world_config is not None:
+        config = TinyWorldConfig.from_json(args.world_config)
+    else:
+        config = TinyWorldConfig.miniature() if args.miniature else TinyWorldConfig()
     world = load_tiny_world(config, progress=True)
     if args.threads:
         torch.set_num_threads(args.threads)
