@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev]" $(TORCH)
 	touch $@
 
-# The tiny search: builds (first time, ~10 min on 2 cores) or reuses the tiny world and a CPU
+# The tiny search: builds (first time, ~8 min on 2 cores) or reuses the tiny world and a CPU
 # latency table, evolves to half the original latency, writes runs/tiny-<time>/report.html.
 run: install
 	$(BIN)/diffnas search experiments/tiny.yaml --name tiny-$$(date +%Y%m%d-%H%M%S)

@@ -156,6 +156,12 @@ def main() -> None:
     )
     ap.add_argument("--quick", action="store_true", help="tiny only, 6 networks")
     ap.add_argument(
+        "--spaces",
+        default="sd15,tiny",
+        help="comma list of the spaces to validate (sd15, tiny); e.g. tiny alone with more "
+        "repeats, which its millisecond networks afford",
+    )
+    ap.add_argument(
         "--build-64", action="store_true", help="also time building the full sd15 table at 64x64"
     )
     ap.add_argument(
@@ -175,12 +181,15 @@ def main() -> None:
         args.out = RESULTS / f"latency_accuracy{suffix}.json"
     RESULTS.mkdir(parents=True, exist_ok=True)
 
-    spaces = [load_space("tiny")]
-    if not args.quick:
+    names = ["tiny"] if args.quick else [n.strip() for n in args.spaces.split(",")]
+    if not names or set(names) - {"sd15", "tiny"}:
+        ap.error(f"--spaces {args.spaces!r}: a comma list of sd15 and tiny")
+    spaces = []
+    if "sd15" in names:
         sd15 = load_space("sd15")  # batch 2, latent 64x64: a CPU forward at 32x32 is ~10 s
-        spaces.insert(
-            0, sd15 if args.compute_unit == "cuda" else sd15.with_inputs(latent=(4, 32, 32))
-        )
+        spaces.append(sd15 if args.compute_unit == "cuda" else sd15.with_inputs(latent=(4, 32, 32)))
+    if "tiny" in names:
+        spaces.append(load_space("tiny"))
     results = {}
     ticks = cpu_ticks()
     with tempfile.TemporaryDirectory() as tmp:
