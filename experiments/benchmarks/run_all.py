@@ -14,7 +14,7 @@ Two profiles (--profile):
            script builds it otherwise: +8 min). The README's results are this profile's.
     full   `make bench-full`: every script with more repeats (mostly its own defaults;
            latency accuracy in the paired protocol), plus the evaluation-cost and strategy
-           comparisons (about an hour on 2 cores), and the GPU benchmark (sd15_action)
+           comparisons (about 35 minutes on 2 cores), and the GPU benchmark (sd15_action)
            where torch sees a CUDA GPU. Its results go to results/full/.
 
     python experiments/benchmarks/run_all.py                      # quick
