@@ -15,6 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import yaml  # noqa: E402
 
 from search_spaces import SearchSpace, UserError  # noqa: E402
 from search_spaces.spec import SpaceSpec  # noqa: E402
@@ -31,6 +32,14 @@ def _load(run: Path) -> tuple[list[dict], dict]:
         raise UserError(f"{run}: history.jsonl is empty; the search has not finished an iteration")
     result = json.loads(result_file.read_text()) if result_file.is_file() else {}
     return history, result
+
+
+def _train_steps(run: Path) -> int:
+    """The robust-training steps the search ran before each iteration (0 if unknown)."""
+    spec = run / "experiment.yaml"
+    if not spec.is_file():
+        return 0
+    return (yaml.safe_load(spec.read_text()).get("search") or {}).get("train_steps", 0)
 
 
 def _progress(history, result, path):
@@ -157,7 +166,7 @@ def _html(run, history, result, has_values) -> str:
             f"<tr><td>predicted latency</td><td>{result['original_ms']:.2f} ms</td>"
             f"<td>{result['latency_ms']:.2f} ms ({speedup:.2f}× faster; target "
             f"{result['target_ms']:.2f} ms)</td></tr>"
-            f"<tr><td>CLIP score</td><td>{result['original_clip']:.2f}</td>"
+            f"<tr><td>CLIP score (final weights)</td><td>{result['original_clip']:.2f}</td>"
             f"<td>{result['clip']:.2f}</td></tr>"
             f"<tr><td>parameters</td><td>{result['params']['original'] / 1e6:.2f}M</td>"
             f"<td>{result['params']['found'] / 1e6:.2f}M</td></tr>"
@@ -178,6 +187,17 @@ def _html(run, history, result, has_values) -> str:
             f"</figure></div><details><summary>prompts (row by row)</summary><ol>{prompts}"
             "</ol></details>"
         )
+    # a search that fine-tunes the supernet between iterations scores the summary's two networks
+    # with the last weights and each iteration's row with the weights of that iteration: the
+    # original's two CLIP scores differ, and the page says why
+    steps = _train_steps(run)
+    weights_note = (
+        "<p><small>Both CLIP scores above use the supernet's weights at the end of the search, "
+        f"which trained them for {steps} step{'s' * (steps != 1)} before each iteration; the "
+        "CLIP of each iteration below uses the weights of that iteration.</small></p>"
+        if result and steps
+        else ""
+    )
     values = "<img src=values.png>" if has_values else ""
     stages = "<img src=stages.png>" if result else ""
     return f"""<!doctype html><html><head><meta charset=utf-8><title>diffnas run {e(run.name)}
@@ -187,7 +207,7 @@ img{{max-width:100%}}.px{{image-rendering:pixelated;width:460px}}.row{{display:f
 figure{{margin:0}}</style></head><body>
 <h1>diffnas run <code>{e(run.name)}</code></h1>
 <table><tr><th></th><th>original</th><th>found</th></tr>{rows}</table>
-<h2>Evolution</h2><img src=progress.png><img src=architecture.png>
+{weights_note}<h2>Evolution</h2><img src=progress.png><img src=architecture.png>
 <table><tr><th>iteration</th><th>ms</th><th>CLIP</th><th>decision</th><th>applied</th>
 <th>time</th></tr>{its}</table>
 <h2>Block values</h2>{values}<h2>Latency per stage</h2>{stages}{grids}

@@ -155,6 +155,8 @@ def test_howto_search_for_a_new_latency_target(workdir, capsys, monkeypatch):
     html = (run / "report.html").read_text()
     for picture in ("progress.png", "values.png", "architecture.png", "grid_found.png"):
         assert picture in html and (run / picture).is_file()
+    # the summary's CLIP uses the last weights, the iterations' their own: the page says so
+    assert "CLIP score (final weights)" in html and "which trained them for 1 step before" in html
 
     # 5. the found network, checked against the space and the table
     arch = Architecture.load(run / "final.arch.json")

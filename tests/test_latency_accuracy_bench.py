@@ -35,3 +35,10 @@ def test_spaces_rejects_an_unknown_space(tmp_path):
     assert proc.returncode == 2
     assert "--spaces 'tiny,sd14': a comma list of sd15 and tiny" in proc.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+def test_quick_keeps_the_spaces_it_is_given(tmp_path):
+    # --quick alone means tiny; with --spaces the named spaces win (here: checked, then refused)
+    proc = run("--quick", "--spaces", "tiny,sd14", "--out", str(tmp_path / "x.json"))
+    assert proc.returncode == 2
+    assert "--spaces 'tiny,sd14'" in proc.stderr

@@ -154,12 +154,14 @@ def main() -> None:
         "paired: each network right after a fresh timing of its own blocks (the table's model, "
         "free of the machine's drift between the two)",
     )
-    ap.add_argument("--quick", action="store_true", help="tiny only, 6 networks")
+    ap.add_argument(
+        "--quick", action="store_true", help="6 networks per space, tiny only unless --spaces"
+    )
     ap.add_argument(
         "--spaces",
-        default="sd15,tiny",
-        help="comma list of the spaces to validate (sd15, tiny); e.g. tiny alone with more "
-        "repeats, which its millisecond networks afford",
+        default=None,
+        help="comma list of the spaces to validate (sd15, tiny; default both, or tiny with "
+        "--quick); e.g. tiny alone with more repeats, which its millisecond networks afford",
     )
     ap.add_argument(
         "--build-64", action="store_true", help="also time building the full sd15 table at 64x64"
@@ -181,7 +183,9 @@ def main() -> None:
         args.out = RESULTS / f"latency_accuracy{suffix}.json"
     RESULTS.mkdir(parents=True, exist_ok=True)
 
-    names = ["tiny"] if args.quick else [n.strip() for n in args.spaces.split(",")]
+    if args.spaces is None:
+        args.spaces = "tiny" if args.quick else "sd15,tiny"
+    names = [n.strip() for n in args.spaces.split(",")]
     if not names or set(names) - {"sd15", "tiny"}:
         ap.error(f"--spaces {args.spaces!r}: a comma list of sd15 and tiny")
     spaces = []

@@ -59,9 +59,10 @@ def main() -> None:
     parser.add_argument("--cfg", type=float, default=3.0, help="guidance weight")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--quick", action="store_true", help="16 prompts, no single removals")
-    parser.add_argument("--miniature", action="store_true", help="the test world (smoke run)")
     parser.add_argument("--out", type=Path, default=None, help="JSON file to write")
-    parser.add_argument(
+    world = parser.add_mutually_exclusive_group()  # each names the whole world: one or the other
+    world.add_argument("--miniature", action="store_true", help="the test world (smoke run)")
+    world.add_argument(
         "--world-config", type=Path, default=None, help="JSON of TinyWorldConfig fields"
     )
     args = parser.parse_args()
