@@ -79,6 +79,7 @@ class ElasticUNet(nn.Module):
         self.skip.check()
         self.skip_generator = torch.Generator().manual_seed(seed)  # robust-training draws
         self.last_skipped: list[tuple[str, int]] = []  # (slot, instance) skipped last step
+        self.robust = True  # in training mode, skip blocks at random (False: the full network)
         self._arch = space.original()
         self._skipped: set[tuple[str, int]] = set()
         # slot -> its block, looked up once: get_submodule on every gate call costs ~40 µs
@@ -154,7 +155,7 @@ class ElasticUNet(nn.Module):
 
     def forward(self, sample, timestep, encoder_hidden_states, **kwargs):
         """Same arguments and output as `UNet2DConditionModel.forward`."""
-        self._skipped = set(self.draw_skips()) if self.training else set()
+        self._skipped = set(self.draw_skips()) if self.training and self.robust else set()
         self.last_skipped = sorted(self._skipped)
         try:
             return self.unet(sample, timestep, encoder_hidden_states, **kwargs)

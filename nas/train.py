@@ -68,6 +68,9 @@ class TrainConfig:
     lr_scheduler: str = "constant"  # diffusers schedule name: constant, cosine, linear, ...
     lr_warmup_steps: int = 0  # steps of linear warm-up to `lr` (schedules with a warm-up)
     snr_gamma: float | None = None  # Min-SNR loss weighting min(SNR, gamma); None = plain MSE
+    # steps at the start that train the full network, no block skipped: a model trained from
+    # scratch first learns to draw, then robust training makes it tolerate missing blocks
+    skip_warmup_steps: int = 0
     weight_decay: float = 1e-2  # AdamW decoupled weight decay
     grad_clip: float | None = 1.0  # max global gradient norm; None or 0 = no clipping
     prediction_type: str = "epsilon"  # what the UNet predicts: "epsilon" or "v_prediction"
@@ -119,6 +122,7 @@ class TrainConfig:
             ("checkpoint_every", self.checkpoint_every),
             ("num_workers", self.num_workers),
             ("lr_warmup_steps", self.lr_warmup_steps),
+            ("skip_warmup_steps", self.skip_warmup_steps),
             ("grad_clip", self.grad_clip or 0),
         ]:
             if value < 0:
@@ -555,6 +559,7 @@ def train(
                 if config.prediction_type == "epsilon"
                 else scheduler.get_velocity(x, noise, t)
             )
+            model.robust = step > config.skip_warmup_steps
             with autocast:
                 pred = runner(noisy, t, encoder_hidden_states=cond).sample
             loss = _loss(pred, target, t, scheduler, config)
@@ -590,6 +595,7 @@ def train(
     finally:
         bar.close()
         model.train(was_training)
+        model.robust = True
 
     return TrainResult(
         losses=losses,

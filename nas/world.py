@@ -85,6 +85,10 @@ class TinyWorldConfig:
     # down-weights the noisy steps, where the prompt decides what is drawn and where
     unet_snr_gamma: float | None = None
     skip_p: float = 0.1  # robust training: probability each removable block is skipped
+    # first UNet steps without skipping: the full network learns to draw before it learns to
+    # lose blocks. 1000 of the 2000 took the held-out CLIP from 79.5 to 82.0 (32 prompts x 2
+    # seeds) and drew one shape where one was asked; skipping from step 1 drew a second one
+    unet_skip_warmup_steps: int = 1000
     cfg_dropout: float = 0.1  # probability a caption is replaced by the empty one (for CFG)
     prediction_type: str = "v_prediction"  # v stays well-posed at the pure-noise end
     beta_schedule: str = "squaredcos_cap_v2"  # cosine: reaches pure noise, unlike SD's schedule
@@ -272,8 +276,9 @@ class TinyWorld:
         return shapes.ShapesDataset(length, seed, "train", self.config.split_seed)
 
     def train_config(self, **overrides) -> TrainConfig:
-        """The `TrainConfig` the supernet was trained with (to continue training it)."""
-        return _unet_train_config(self.config, **overrides)
+        """The `TrainConfig` the supernet was trained with, to continue training it: robust from
+        the first step (the build's full-network warm-up is behind it)."""
+        return _unet_train_config(self.config, **{"skip_warmup_steps": 0, **overrides})
 
     # -- generation and scoring ------------------------------------------------------------------
 
@@ -322,6 +327,7 @@ def _unet_train_config(config: TinyWorldConfig, **overrides) -> TrainConfig:
             "lr_scheduler": config.unet_lr_scheduler,
             "lr_warmup_steps": config.unet_warmup_steps,
             "snr_gamma": config.unet_snr_gamma,
+            "skip_warmup_steps": config.unet_skip_warmup_steps,
             "prediction_type": config.prediction_type,
             "beta_schedule": config.beta_schedule,
             "cfg_dropout": config.cfg_dropout,

@@ -102,6 +102,21 @@ def test_lr_schedule_is_applied_from_the_first_step(space, data):
     assert not torch.equal(before["unet.conv_in.weight"], constant.unet.conv_in.weight)
 
 
+def test_skip_warmup_trains_the_full_network_first(space, data):
+    # p = 0.9 skips almost every removable block in every step: the counts show which steps did
+    removable = sum(slot.removable for slot in space.slots.values())
+    model = make_model(space, p=0.9)
+    warm = train(model, data, config(steps=3, skip_warmup_steps=2), progress=False)
+    assert 0 < sum(warm.skip_counts.values()) <= removable  # only the third step skipped
+    assert model.robust  # left as it was: the next training call skips again
+    full = train(
+        make_model(space, p=0.9), data, config(steps=2, skip_warmup_steps=2), progress=False
+    )
+    assert full.skip_counts == {}
+    with pytest.raises(UserError, match="skip_warmup_steps=-1 must not be negative"):
+        config(skip_warmup_steps=-1).check()
+
+
 def test_min_snr_weighting(space, data):
     plain = train(make_model(space), data, config(steps=2), progress=False).losses
     # epsilon loss weight min(SNR, gamma) / SNR: 1 for a gamma above every SNR

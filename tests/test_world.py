@@ -396,6 +396,8 @@ def test_config_checks_and_files(tmp_path):
         load_tiny_world(replace(MINI, unet_lr_scheduler="cosin"), progress=False)
     with pytest.raises(UserError, match="snr_gamma=-1"):
         load_tiny_world(replace(MINI, unet_snr_gamma=-1.0), progress=False)
+    with pytest.raises(UserError, match="skip_warmup_steps=-2 must not be negative"):
+        load_tiny_world(replace(MINI, unet_skip_warmup_steps=-2), progress=False)
     path = tmp_path / "world.json"
     path.write_text(json.dumps({"unet_steps": 3, "clip_steps": 2}))
     assert TinyWorldConfig.from_json(path) == TinyWorldConfig(unet_steps=3, clip_steps=2)
@@ -409,14 +411,19 @@ def test_config_checks_and_files(tmp_path):
         TinyWorldConfig.from_json(tmp_path / "missing.json")
 
 
-def test_unet_training_fields_reach_the_trainer():
+def test_unet_training_fields_reach_the_trainer(world):
     from nas.world import _unet_train_config
 
     config = replace(MINI, unet_lr_scheduler="cosine", unet_warmup_steps=5, unet_snr_gamma=5.0)
-    train_config = _unet_train_config(config)
+    train_config = _unet_train_config(replace(config, unet_skip_warmup_steps=7))
     assert train_config.lr_scheduler == "cosine"
     assert train_config.lr_warmup_steps == 5
     assert train_config.snr_gamma == 5.0
+    assert train_config.skip_warmup_steps == 7
+    # continuing a built world (the search's fine-tuning, `diffnas train`) skips from step 1
+    warmed = replace(config, unet_skip_warmup_steps=7)
+    built = TinyWorld(warmed, world.space, world.clip, world.supernet)
+    assert built.train_config(steps=20).skip_warmup_steps == 0
     assert _unet_train_config(MINI).snr_gamma is None
 
 
