@@ -24,6 +24,8 @@ class _Strict(BaseModel):
 class WorldSpec(_Strict):
     kind: Literal["tiny", "stable_diffusion"] = "tiny"  # where data, CLIP and weights come from
     miniature: bool = False  # tiny only: a few-step world, for tests
+    # tiny only: JSON file of TinyWorldConfig fields (as `diffnas world build --world-config`)
+    world_config: str | None = None
     # -- stable_diffusion (nas/sd_world.py): local files, nothing is downloaded --
     data_dir: str = "."  # folder the relative paths below are read from (relative to the cwd)
     pipeline: str | None = None  # local diffusers pipeline folder (unet/, vae/, text_encoder/...)
@@ -44,12 +46,14 @@ class WorldSpec(_Strict):
                 raise ValueError(
                     f"{', '.join(given)}: only for kind stable_diffusion (this world is tiny)"
                 )
+            if self.miniature and self.world_config:
+                raise ValueError("give miniature or world_config, not both: each names the world")
         else:
             needed = [k for k in ("pipeline", "captions", "clip_weights") if not getattr(self, k)]
             if needed:
                 raise ValueError(f"kind stable_diffusion needs {', '.join(needed)}")
-            if self.miniature:
-                raise ValueError("miniature: only for kind tiny")
+            if self.miniature or self.world_config:
+                raise ValueError("miniature and world_config: only for kind tiny")
             if (self.train_images is None) != (self.train_captions is None):
                 raise ValueError("give train_images and train_captions together, or neither")
         return self

@@ -42,7 +42,10 @@ def open_world(exp: Experiment, space: SearchSpace, progress: bool = True):
     if exp.world.kind == "tiny":
         from .world import TinyWorldConfig, load_tiny_world
 
-        config = TinyWorldConfig.miniature() if exp.world.miniature else TinyWorldConfig()
+        if exp.world.world_config:
+            config = TinyWorldConfig.from_json(exp.world.world_config)
+        else:
+            config = TinyWorldConfig.miniature() if exp.world.miniature else TinyWorldConfig()
         if exp.space != config.space:  # the world trains the supernet of the searched space
             ref = exp.space
             if ref.endswith((".yaml", ".yml")):  # one world folder whatever the cwd

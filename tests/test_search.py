@@ -1,13 +1,16 @@
 """The search end to end on a miniature tiny world: run directory, resume, report, errors."""
 
 import json
+from dataclasses import asdict
 
 import pytest
+from pydantic import ValidationError
 
 from nas.evolve import RunDir
-from nas.experiment import load_experiment
-from nas.search import run_search
-from search_spaces import Architecture, UserError
+from nas.experiment import Experiment, load_experiment
+from nas.search import open_world, run_search
+from nas.world import TinyWorldConfig
+from search_spaces import Architecture, UserError, load_space
 
 EXPERIMENT = {
     "name": "mini",
@@ -113,3 +116,20 @@ def test_bad_input_is_refused_and_nothing_is_overwritten(env, uninterrupted):
     unknown.latency.build = False
     with pytest.raises(UserError, match="diffnas latency build"):
         run_search(unknown, runs=root / "runs", name="unknown", progress=False)
+
+
+def test_world_config_names_another_tiny_world(env, uninterrupted):
+    root, exp_file = env
+    config = {**asdict(TinyWorldConfig.miniature()), "unet_steps": 3}
+    (root / "world.json").write_text(json.dumps(config))
+    world_file = str(root / "world.json")
+    exp = load_experiment(exp_file, **{"world.miniature": False, "world.world_config": world_file})
+    world = open_world(exp, load_space("tiny"), progress=False)
+    assert world.config == TinyWorldConfig(**config)
+
+    both = {**EXPERIMENT, "world": {"kind": "tiny", "miniature": True, "world_config": "w.json"}}
+    with pytest.raises(ValidationError, match="give miniature or world_config, not both"):
+        Experiment.model_validate(both)
+    sd = {"kind": "stable_diffusion", "pipeline": "p", "captions": "c", "clip_weights": "w"}
+    with pytest.raises(ValidationError, match="world_config: only for kind tiny"):
+        Experiment.model_validate({**EXPERIMENT, "world": {**sd, "world_config": "w.json"}})
