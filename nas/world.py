@@ -86,10 +86,10 @@ class TinyWorldConfig:
     unet_snr_gamma: float | None = None
     skip_p: float = 0.1  # robust training: probability each removable block is skipped
     # first UNet steps without skipping (the full network learns to draw before it learns to
-    # lose blocks). 1000 of the 2000 raised the full network's held-out CLIP from 79.5 to 82.0
-    # and drew one shape where one was asked, but the supernet tolerated missing blocks less:
-    # a search then found a network keeping 49% of the full CLIP (88% without warm-up), below
-    # random networks of its latency. So off by default
+    # lose blocks). 1000 of the 2000 made the full network better (held-out CLIP 81.5 vs 80.4)
+    # but the supernet less tolerant of missing blocks: a search on it kept 49% of the full
+    # CLIP (88% without), below random networks of its latency. So off by default
+    # (experiments/ablations/skip_warmup.yaml)
     unet_skip_warmup_steps: int = 0
     cfg_dropout: float = 0.1  # probability a caption is replaced by the empty one (for CFG)
     prediction_type: str = "v_prediction"  # v stays well-posed at the pure-noise end
