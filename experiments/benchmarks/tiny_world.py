@@ -9,7 +9,10 @@ CFG --cfg, the same noises for every network:
 - the drawn reference images of the prompts (what following them perfectly scores);
 - every cross-attention block removed at once: the drop, and the drop in units of σ;
 - every removable block removed alone: its ΔCLIP; measured on two disjoint halves of the
-  prompts, whose rank correlation says whether single-block ΔCLIPs are distinguishable.
+  prompts, whose rank correlation says whether single-block ΔCLIPs are distinguishable;
+- shape accuracy: for "a <colour> <shape> in the center", each colour, the same noises for
+  every shape: how often the CLIP prefers the image's own shape to each other shape (does
+  the UNet draw the shape it is asked for? 0.5 is chance), beside the drawn shapes' share.
 
 CLIP score = 100 * max(cos, 0) (torchmetrics' definition), averaged over images.
 Also reports the world's build times and its CLIP's zero-shot retrieval accuracy.
@@ -39,6 +42,46 @@ from nas.generate import initial_noise
 from nas.world import TinyWorldConfig, load_tiny_world
 
 RESULTS = Path(__file__).parent / "results"
+
+
+def shape_accuracy(world, args, noises: int = 4) -> dict[str, dict[str, float]]:
+    """Per pair of shapes (a, b): how often the CLIP scores an image generated for "a <colour>
+    a in the center" higher against its own prompt than against the same prompt with b (and
+    the other way round), over every colour and `noises` noises; 0.5 is chance. The same
+    for the shapes drawn at one place: what telling them apart scores."""
+    n = len(shapes.COLOURS) * noises
+    noise = initial_noise(world.space, n, seed=0)
+    original = world.space.original()
+
+    def prompts(kind: str) -> list[str]:
+        return [f"a {c} {kind} in the center" for c in shapes.COLOURS for _ in range(noises)]
+
+    generated, drawn = {}, {}
+    for kind in shapes.SHAPES:
+        generated[kind] = world.generate(
+            prompts(kind), noise=noise, steps=args.steps, cfg=args.cfg, arch=original
+        )
+        drawn[kind] = shapes.render_batch(
+            [
+                shapes.Scene((shapes.Shape(c, kind, 16.0, 16.0, 6.0),), "", "")
+                for c in shapes.COLOURS
+            ]
+        )
+
+    def wins(images: dict, a: str, b: str) -> float:
+        """Share of a's images and b's images that score higher against their own shape."""
+        won = []
+        for own, other in ((a, b), (b, a)):
+            texts = prompts(own)[:: noises if images is drawn else 1]
+            swapped = [t.replace(f" {own} ", f" {other} ") for t in texts]
+            won.append(world.score(images[own], texts) > world.score(images[own], swapped))
+        return torch.cat(won).float().mean().item()
+
+    pairs = [(a, b) for i, a in enumerate(shapes.SHAPES) for b in shapes.SHAPES[i + 1 :]]
+    return {
+        f"{a}_{b}": {"generated": wins(generated, a, b), "drawn": wins(drawn, a, b)}
+        for a, b in pairs
+    }
 
 
 def derangement(n: int, seed: int) -> list[int]:
@@ -140,6 +183,7 @@ def main() -> None:
         b = [s["delta_clip_half_b"] for s in singles.values()]
         rank_corr = float(spearmanr(a, b).statistic)
 
+    accuracy = shape_accuracy(world, args)
     deltas = [s["delta_clip"] for s in singles.values()]
     result = {
         "command": "python experiments/benchmarks/tiny_world.py"
@@ -189,6 +233,7 @@ def main() -> None:
             "delta_std_across_blocks": statistics.stdev(deltas) if len(deltas) > 1 else None,
             "spearman_between_prompt_halves": rank_corr,
         },
+        "shape_accuracy": accuracy,
         "seconds_per_evaluation": seconds_per_eval,
         "seconds": time.perf_counter() - start,
     }
@@ -208,6 +253,8 @@ def main() -> None:
         s = result["single_removals_summary"]
         print(f"tiny_single_delta_range: {s['delta_min']:.2f} .. {s['delta_max']:.2f}")
         print(f"tiny_single_delta_spearman_halves: {rank_corr:.2f}")
+    for pair, d in accuracy.items():
+        print(f"tiny_shape_accuracy_{pair}: {d['generated']:.2f} (drawn {d['drawn']:.2f})")
     print(f"tiny_clip_drop_no_ca_sigma: {c['drop_no_cross_attention_sigma']:.1f}")
 
 
