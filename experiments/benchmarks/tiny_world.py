@@ -188,7 +188,8 @@ def main() -> None:
     result = {
         "command": "python experiments/benchmarks/tiny_world.py"
         + (" --quick" if args.quick else "")
-        + (" --miniature" if args.miniature else ""),
+        + (" --miniature" if args.miniature else "")
+        + (f" --world-config {args.world_config}" if args.world_config else ""),
         "machine": {
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
