@@ -179,7 +179,8 @@ def _open_world(config_file: Path | None, threads: int | None, rebuild: bool = F
 @world_app.command("build")
 def world_build_cmd(
     rebuild: bool = typer.Option(False, "--rebuild", help="Train again, ignoring the cache."),
-    config: Path = typer.Option(None, "--config", help=WORLD_CONFIG_HELP),
+    # --world-config as in `generate` and `train`; --config kept for existing scripts
+    config: Path = typer.Option(None, "--world-config", "--config", help=WORLD_CONFIG_HELP),
 ) -> None:
     """Build the tiny world (first use: a few minutes) or show the cached one. The build
     always uses 2 torch threads, so that a config gives the same world everywhere."""

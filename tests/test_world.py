@@ -459,9 +459,10 @@ def test_cli_generate_with_an_architecture(world, mini_json, tmp_path):
 
 
 def test_cli_world_build_reports_the_cached_world(world, mini_json, capsys):
-    assert cli(["world", "build", "--config", str(mini_json)]) == 0
-    text = capsys.readouterr().out
-    assert "cached" in text and world.folder.name in text and "top-1" in text
+    for flag in ("--world-config", "--config"):  # the name of generate/train, and the old one
+        assert cli(["world", "build", flag, str(mini_json)]) == 0
+        text = capsys.readouterr().out
+        assert "cached" in text and world.folder.name in text and "top-1" in text
 
 
 def test_cli_bad_input(world, mini_json, tmp_path, capsys):
