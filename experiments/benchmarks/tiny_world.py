@@ -68,18 +68,19 @@ def shape_accuracy(world, args, noises: int = 4) -> dict[str, dict[str, float]]:
             ]
         )
 
-    def wins(images: dict, a: str, b: str) -> float:
-        """Share of a's images and b's images that score higher against their own shape."""
+    def wins(images: dict, a: str, b: str, every: int) -> float:
+        """Share of a's images and b's images that score higher against their own shape
+        (`every`: the prompt stride; the drawn shapes have one image per colour)."""
         won = []
         for own, other in ((a, b), (b, a)):
-            texts = prompts(own)[:: noises if images is drawn else 1]
+            texts = prompts(own)[::every]
             swapped = [t.replace(f" {own} ", f" {other} ") for t in texts]
             won.append(world.score(images[own], texts) > world.score(images[own], swapped))
         return torch.cat(won).float().mean().item()
 
     pairs = [(a, b) for i, a in enumerate(shapes.SHAPES) for b in shapes.SHAPES[i + 1 :]]
     return {
-        f"{a}_{b}": {"generated": wins(generated, a, b), "drawn": wins(drawn, a, b)}
+        f"{a}_{b}": {"generated": wins(generated, a, b, 1), "drawn": wins(drawn, a, b, noises)}
         for a, b in pairs
     }
 
