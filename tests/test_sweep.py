@@ -2,17 +2,20 @@
 the results table and Pareto plot, and bad input."""
 
 import csv
+import fcntl
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from nas.cli import main
 from nas.experiment import load_experiment
+from nas.search import experiment_space, open_world
 from nas.sweep import COLUMNS, pareto_front, parse_targets, run_sweep, trial_name
 from search_spaces import UserError
 
@@ -42,23 +45,40 @@ def _wait_for(predicate, proc, seconds):
             return
         if proc.poll() is not None:
             raise AssertionError(f"the sweep exited early ({proc.returncode})")
-        time.sleep(0.5)
+        time.sleep(0.1)
     proc.kill()
     raise AssertionError("the sweep did not finish a trial in time")
+
+
+def _world_lock(exp_file: Path) -> Path:
+    """The lock file every process takes to open the experiment's tiny world (building the
+    world here, before the sweep starts, so that the sweep only loads it)."""
+    exp = load_experiment(exp_file)
+    folder = open_world(exp, experiment_space(exp), progress=False).folder
+    return folder.with_name(f"{folder.name}.lock")
 
 
 @pytest.fixture(scope="module")
 def interrupted_then_resumed(env):
     """A sweep started on the command line, stopped with Ctrl-C (SIGINT) once Tune has
-    recorded one finished trial, then resumed in process."""
+    recorded one finished trial, then resumed in process.
+
+    The second trial must still be running when Ctrl-C comes: Tune lets a running trial
+    finish for up to ~10 s before it kills it, and a miniature trial takes ~2 s. So once the
+    first trial has opened the world (its run directory exists), the test holds the world's
+    lock: the second trial waits on it until Tune kills it."""
     root, exp_file = env
     path = root / "runs" / "s"
+    lock_path = _world_lock(exp_file)
     args = ["sweep", str(exp_file), "--targets", "0.9,0.8", "--name", "s"]
     args += ["--runs", str(root / "runs"), "--workers", "1"]
-    with open(root / "cli.log", "w") as log:
+    with open(root / "cli.log", "w") as log, open(lock_path, "w") as lock:
         proc = subprocess.Popen(
             [sys.executable, "-m", "nas.cli", *args], stdout=log, stderr=subprocess.STDOUT
         )
+
+        def a_trial_opened_the_world():
+            return any((path / trial_name(t, 0) / "experiment.hash").is_file() for t in TARGETS)
 
         def tune_recorded_a_trial():
             return any(
@@ -67,9 +87,12 @@ def interrupted_then_resumed(env):
                 for t in TARGETS
             )
 
+        _wait_for(a_trial_opened_the_world, proc, 400)
+        fcntl.flock(lock, fcntl.LOCK_EX)
         _wait_for(tune_recorded_a_trial, proc, 400)
         proc.send_signal(signal.SIGINT)
         code = proc.wait(timeout=180)
+    # closing the lock file released the lock: the resumed trial can open the world
     output = (root / "cli.log").read_text()
     finished = [t for t in TARGETS if (path / trial_name(t, 0) / "result.json").is_file()]
     stamps = {
