@@ -91,6 +91,7 @@ class TinyWorldConfig:
     # CLIP (88% without), below random networks of its latency. So off by default
     # (experiments/ablations/skip_warmup.yaml)
     unet_skip_warmup_steps: int = 0
+    unet_timestep_shift: float = 1.0  # > 1 trains more on noisy timesteps (TrainConfig)
     cfg_dropout: float = 0.1  # probability a caption is replaced by the empty one (for CFG)
     prediction_type: str = "v_prediction"  # v stays well-posed at the pure-noise end
     beta_schedule: str = "squaredcos_cap_v2"  # cosine: reaches pure noise, unlike SD's schedule
@@ -329,6 +330,7 @@ def _unet_train_config(config: TinyWorldConfig, **overrides) -> TrainConfig:
             "lr_scheduler": config.unet_lr_scheduler,
             "lr_warmup_steps": config.unet_warmup_steps,
             "snr_gamma": config.unet_snr_gamma,
+            "timestep_shift": config.unet_timestep_shift,
             "skip_warmup_steps": config.unet_skip_warmup_steps,
             "prediction_type": config.prediction_type,
             "beta_schedule": config.beta_schedule,

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from nas.supernet import ElasticUNet, SkipConfig
-from nas.train import LatentEncoder, TrainConfig, train
+from nas.train import LatentEncoder, TrainConfig, _timesteps, train
 from search_spaces import UserError, load_space
 
 LATENT = (12, 16, 16)
@@ -125,6 +125,21 @@ def test_min_snr_weighting(space, data):
     # gamma = 1 weighs down every timestep whose SNR exceeds 1
     small = train(make_model(space), data, config(steps=1, snr_gamma=1.0), progress=False)
     assert small.losses[0] < plain[0]
+
+
+def test_timestep_shift_draws_noisier_timesteps(space, data):
+    n = 20_000
+    uniform = _timesteps(config(), n, torch.Generator().manual_seed(0))
+    shifted = _timesteps(config(timestep_shift=3.0), n, torch.Generator().manual_seed(0))
+    assert uniform.min() >= 0 and shifted.min() >= 0 and shifted.max() <= 999
+    # t >= 750: a quarter of the uniform draws, half of the shift-3 ones (u >= 1/2)
+    assert within(int((uniform >= 750).sum()), n, 0.25, 4)
+    assert within(int((shifted >= 750).sum()), n, 0.5, 4)
+    plain = train(make_model(space), data, config(steps=2), progress=False).losses
+    noisy = train(make_model(space), data, config(steps=2, timestep_shift=3.0), progress=False)
+    assert noisy.losses != pytest.approx(plain)  # other timesteps, other losses
+    with pytest.raises(UserError, match="timestep_shift=0.0 must be positive"):
+        config(timestep_shift=0.0).check()
 
 
 def test_resume_reaches_the_same_weights_and_losses(space, data, tmp_path):
