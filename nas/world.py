@@ -93,8 +93,8 @@ class TinyWorldConfig:
     unet_skip_warmup_steps: int = 0
     # > 1 trains more on noisy timesteps (TrainConfig.timestep_shift). 3 placed shapes where the
     # prompt says (held-out CLIP 84.3 vs 80.4) but drew blunter ones (circle vs triangle told
-    # apart 0.58 vs 0.90), and tiny.yaml's search on it kept 55% of the full CLIP. So uniform
-    # (experiments/ablations/timestep_shift.yaml)
+    # apart 0.58 vs 0.90), and a search removing two blocks per iteration kept 55% of its full
+    # CLIP (one per iteration: 89%). So uniform (experiments/ablations/timestep_shift.yaml)
     unet_timestep_shift: float = 1.0
     cfg_dropout: float = 0.1  # probability a caption is replaced by the empty one (for CFG)
     prediction_type: str = "v_prediction"  # v stays well-posed at the pure-noise end
