@@ -616,7 +616,7 @@ def _timesteps(config: TrainConfig, batch: int, gen: torch.Generator) -> torch.T
     [0, 1) becomes s u / (1 + (s - 1) u), so that with s = 3 half of them lie at t >= 3T/4 (a
     quarter when uniform). Near pure noise only the prompt says where and what to draw."""
     n = config.num_train_timesteps
-    if config.timestep_shift == 1.0:
+    if config.timestep_shift == 1.0:  # randint, as before the shift: the same runs, bit for bit
         return torch.randint(0, n, (batch,), generator=gen)
     u = torch.rand(batch, generator=gen)
     s = config.timestep_shift

@@ -347,9 +347,16 @@ def _unet_train_config(config: TinyWorldConfig, **overrides) -> TrainConfig:
     )
 
 
+def lock_path(entry: Path) -> Path:
+    """The lock file of a cache entry (a world or CLIP folder): held while the entry is
+    built or opened."""
+    return entry.with_name(f"{entry.name}.lock")
+
+
 @contextmanager
-def _locked(path: Path):
+def _locked(entry: Path):
     """One builder per cache entry at a time (another process waits, then finds it built)."""
+    path = lock_path(entry)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
@@ -426,7 +433,7 @@ def _threads(n: int):
 def _load_or_build_clip(config, space, root: Path, rebuild: bool, progress: bool):
     key = config_hash(config, space, clip_only=True)
     final = root / "tiny_clip" / key
-    with _locked(root / "tiny_clip" / f"{key}.lock"):
+    with _locked(final):
         if rebuild:
             shutil.rmtree(final, ignore_errors=True)
         if (final / "metrics.json").is_file():
@@ -492,7 +499,7 @@ def load_tiny_world(
     final = _world_folder(config, space)
     key = final.name
     work = final.with_name(f"{key}.partial")  # checkpoints of an unfinished build
-    with _locked(final.with_name(f"{key}.lock")):
+    with _locked(final):
         if rebuild:
             shutil.rmtree(final, ignore_errors=True)
             shutil.rmtree(work, ignore_errors=True)

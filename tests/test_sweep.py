@@ -17,6 +17,7 @@ from nas.cli import main
 from nas.experiment import load_experiment
 from nas.search import experiment_space, open_world
 from nas.sweep import COLUMNS, pareto_front, parse_targets, run_sweep, trial_name
+from nas.world import lock_path
 from search_spaces import UserError
 
 EXPERIMENT = {
@@ -54,8 +55,7 @@ def _world_lock(exp_file: Path) -> Path:
     """The lock file every process takes to open the experiment's tiny world (building the
     world here, before the sweep starts, so that the sweep only loads it)."""
     exp = load_experiment(exp_file)
-    folder = open_world(exp, experiment_space(exp), progress=False).folder
-    return folder.with_name(f"{folder.name}.lock")
+    return lock_path(open_world(exp, experiment_space(exp), progress=False).folder)
 
 
 @pytest.fixture(scope="module")
