@@ -206,6 +206,9 @@ def generate_cmd(
     cfg: float = typer.Option(3.0, "--cfg", help="Classifier-free guidance weight."),
     n: int = typer.Option(4, "--n", help="Images per prompt."),
     seed: int = typer.Option(0, "--seed", help="Noise seed."),
+    eta: float = typer.Option(
+        0.0, "--eta", help="DDIM eta: 0 deterministic, up to 1: fresh noise at every step."
+    ),
     scale: int = typer.Option(4, "--scale", help="Upscale the 32x32 images by this factor."),
     config: Path = typer.Option(None, "--world-config", help=WORLD_CONFIG_HELP),
     threads: int = typer.Option(None, "--threads", help=THREADS_HELP),
@@ -214,17 +217,19 @@ def generate_cmd(
     is built on first use: a few minutes)."""
     from search_spaces import Architecture
 
+    from .generate import check_eta
     from .world import write_grid
 
     if n < 1 or scale < 1:
         raise UserError("--n and --scale must be at least 1")
+    check_eta(eta)  # before a world is built
     world = _open_world(config, threads)
     architecture = None
     if arch is not None:
         architecture = Architecture.load(arch)
         world.space.validate(architecture, str(arch))
     prompts = [p for p in prompt for _ in range(n)]
-    images = world.generate(prompts, seed=seed, steps=steps, cfg=cfg, arch=architecture)
+    images = world.generate(prompts, seed=seed, steps=steps, cfg=cfg, arch=architecture, eta=eta)
     scores = world.score(images, prompts).view(len(prompt), n).mean(1)
     write_grid(images, out, nrow=n, scale=scale)
     for p, s in zip(prompt, scores.tolist(), strict=True):

@@ -1,13 +1,15 @@
 """Sampling: DDIM (diffusers' `DDIMScheduler`) with classifier-free guidance, batched.
 
 The conditional and unconditional predictions of a step come from one UNet call on the
-doubled batch (as SD pipelines do). Sampling is deterministic (DDIM with eta = 0): the same
-noise gives the same images, so architectures compared on the same `initial_noise` differ only
-by what the architecture does.
+doubled batch (as SD pipelines do). By default sampling is deterministic (DDIM with eta = 0):
+the same noise gives the same images, so architectures compared on the same `initial_noise`
+differ only by what the architecture does. eta > 0 adds fresh noise at every step (eta = 1:
+DDPM's ancestral sampling), drawn from a seeded generator so that it is reproducible too.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Mapping
 
 import torch
@@ -48,6 +50,19 @@ def initial_noise(space: SearchSpace, n: int, seed: int) -> Tensor:
     return torch.randn((n, *space.latent), generator=g)
 
 
+def check_eta(eta: float) -> None:
+    """DDIM's eta scales the step noise to eta times DDPM's; above 1 the step's variance
+    exceeds what the step has, and the update is undefined (NaN)."""
+    if not 0.0 <= eta <= 1.0:
+        raise UserError(f"eta={eta}: DDIM's eta is in [0, 1] (0: deterministic, 1: ancestral)")
+
+
+def step_noise_generator(seed: int) -> torch.Generator:
+    """The CPU generator of the noise that eta > 0 adds at each step, for images of `seed`:
+    a stream of its own, not a replay of `initial_noise(space, n, seed)`'s."""
+    return torch.Generator().manual_seed(random.Random(f"ddim-eta-{seed}").getrandbits(63))
+
+
 def _check_inputs(model: ElasticUNet, context: Tensor, uncond: Tensor, noise: Tensor) -> None:
     config = model.unet.config
     if noise.ndim != 4 or noise.shape[1] != config.in_channels:
@@ -82,6 +97,8 @@ def generate(
     cfg: float,
     scheduler_config: dict | None = None,
     progress: bool = False,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
 ) -> Tensor:
     """DDIM-sample latents (B, C, H, W) from `noise` with the model's current architecture.
 
@@ -89,11 +106,13 @@ def generate(
     unconditional context; `cfg` the guidance weight w (pred = u + w (c - u); w = 1: no
     guidance, one UNet call per step). `scheduler_config`: a `DDIMScheduler` config; default
     the model's `scheduler_config` attribute (the tiny world sets it on its supernet), else
-    SD-v1.5's. Runs on the model's device, in eval mode (no block is skipped); returns the
-    latents there.
+    SD-v1.5's. `eta`: DDIM's stochasticity, 0 (deterministic) to 1 (ancestral); the noise it
+    adds is drawn from `generator` (a CPU generator; None: torch's global one). Runs on the
+    model's device, in eval mode (no block is skipped); returns the latents there.
     """
     if steps < 1:
         raise UserError(f"steps={steps}: DDIM needs at least one step")
+    check_eta(eta)
     _check_inputs(model, context, uncond, noise)
     scheduler = make_scheduler(scheduler_config or getattr(model, "scheduler_config", None))
     scheduler.set_timesteps(steps)
@@ -113,7 +132,7 @@ def generate(
             if guided:
                 cond, unc = pred.chunk(2)
                 pred = unc + cfg * (cond - unc)
-            x = scheduler.step(pred, t, x).prev_sample
+            x = scheduler.step(pred, t, x, eta=eta, generator=generator).prev_sample
     finally:
         model.train(was_training)
     return x

@@ -38,7 +38,7 @@ from search_spaces import Architecture, SearchSpace, UserError, load_space
 
 from . import shapes
 from .clip import ClipScorer, retrieval_top1, train_contrastive
-from .generate import generate, initial_noise
+from .generate import generate, initial_noise, step_noise_generator
 from .supernet import ElasticUNet, SkipConfig
 from .train import TrainConfig, train
 
@@ -298,9 +298,11 @@ class TinyWorld:
         cfg: float = DEFAULT_CFG,
         arch: Architecture | None = None,
         progress: bool = False,
+        eta: float = 0.0,
     ) -> Tensor:
         """Images (B, 3, 32, 32) in [0, 1] for `prompts`, from `noise` (default:
-        `initial_noise(space, B, seed)`), with `arch` (default: the supernet's current one)."""
+        `initial_noise(space, B, seed)`), with `arch` (default: the supernet's current one).
+        `eta` > 0: stochastic DDIM, its step noise drawn from `step_noise_generator(seed)`."""
         if not prompts:
             raise UserError("the prompt list is empty: give at least one prompt")
         if noise is None:
@@ -311,7 +313,15 @@ class TinyWorld:
             self.supernet.set_architecture(arch)
         try:
             latents = generate(
-                self.supernet, context, self.uncond(), noise, steps, cfg, progress=progress
+                self.supernet,
+                context,
+                self.uncond(),
+                noise,
+                steps,
+                cfg,
+                progress=progress,
+                eta=eta,
+                generator=step_noise_generator(seed) if eta else None,
             )
         finally:
             self.supernet.set_architecture(previous)

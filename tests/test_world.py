@@ -20,7 +20,7 @@ from PIL import Image
 from nas import shapes
 from nas.cli import main
 from nas.clip import ClipScorer, clip_score, retrieval_top1
-from nas.generate import generate, initial_noise
+from nas.generate import generate, initial_noise, step_noise_generator
 from nas.world import BUILD_THREADS, TinyWorld, TinyWorldConfig, config_hash, load_tiny_world
 from search_spaces import UserError, load_space
 
@@ -272,6 +272,43 @@ def test_generation_is_deterministic_given_the_noise(world):
     assert not world.supernet.training
 
 
+def test_stochastic_generation_is_seeded(world):
+    prompts = ["a red circle on the left", "a blue square above a green triangle"]
+    context, uncond = world.encode_text(prompts), world.uncond()
+    noise = initial_noise(world.space, 2, seed=7)
+    deterministic = generate(world.supernet, context, uncond, noise, steps=3, cfg=3.0)
+    # eta = 0 draws nothing: a generator changes nothing
+    gen = step_noise_generator(0)
+    assert torch.equal(
+        deterministic,
+        generate(world.supernet, context, uncond, noise, 3, 3.0, eta=0.0, generator=gen),
+    )
+    assert torch.equal(gen.get_state(), step_noise_generator(0).get_state())
+
+    def ancestral(seed: int) -> torch.Tensor:
+        return generate(
+            world.supernet,
+            context,
+            uncond,
+            noise,
+            3,
+            3.0,
+            eta=1.0,
+            generator=step_noise_generator(seed),
+        )
+
+    a = ancestral(0)
+    assert torch.equal(a, ancestral(0)) and not torch.equal(a, ancestral(1))
+    assert not torch.equal(a, deterministic) and torch.isfinite(a).all()
+    # the step noise is a stream of its own, not the initial noise drawn again
+    first = torch.randn(noise.numel(), generator=step_noise_generator(7))
+    assert not torch.equal(first, noise.flatten())
+    # the world's generate seeds it from its seed
+    images = world.generate(prompts, seed=3, steps=2, eta=1.0)
+    assert torch.equal(images, world.generate(prompts, seed=3, steps=2, eta=1.0))
+    assert not torch.equal(images, world.generate(prompts, seed=3, steps=2))
+
+
 def test_generation_runs_any_architecture(world):
     space = world.space
     no_attention = space.original()
@@ -301,6 +338,9 @@ def test_generation_bad_input(world):
         generate(net, context, uncond[:, :8], noise, steps=2, cfg=3.0)
     with pytest.raises(UserError, match="at least one"):
         initial_noise(world.space, 0, 0)
+    for eta in (-0.1, 1.5):
+        with pytest.raises(UserError, match=r"eta=.* is in \[0, 1\]"):
+            generate(net, context, uncond, noise, steps=2, cfg=3.0, eta=eta)
 
 
 def test_prompts_outside_the_grammar_are_fine(world):
@@ -456,6 +496,10 @@ def test_cli_generate_with_an_architecture(world, mini_json, tmp_path):
     argv = ["generate", "-p", "a red circle on the left", "--arch", str(tmp_path / "arch.json")]
     assert cli([*argv, "--out", str(out), "--world-config", str(mini_json), "--steps", "1"]) == 0
     assert out.is_file()
+    out.unlink()
+    argv += ["--eta", "1", "--steps", "2"]  # stochastic DDIM
+    assert cli([*argv, "--out", str(out), "--world-config", str(mini_json)]) == 0
+    assert out.is_file()
 
 
 def test_cli_world_build_reports_the_cached_world(world, mini_json, capsys):
@@ -479,3 +523,7 @@ def test_cli_bad_input(world, mini_json, tmp_path, capsys):
     assert cli(["world", "build", "--config", str(bad)]) == 2
     assert "unknown: nope" in capsys.readouterr().err
     assert cli(["generate", "-p", "x", "--out", str(tmp_path / "x.png"), "--n", "0", *base]) == 2
+    capsys.readouterr()
+    argv = ["generate", "-p", "x", "--out", str(tmp_path / "x.png"), "--eta", "2"]
+    assert cli([*argv, *base]) == 2
+    assert "eta=2.0: DDIM's eta is in [0, 1]" in capsys.readouterr().err

@@ -59,7 +59,7 @@ def shape_accuracy(world, args, noises: int = 4) -> dict[str, dict[str, float]]:
     generated, drawn = {}, {}
     for kind in shapes.SHAPES:
         generated[kind] = world.generate(
-            prompts(kind), noise=noise, steps=args.steps, cfg=args.cfg, arch=original
+            prompts(kind), noise=noise, steps=args.steps, cfg=args.cfg, arch=original, eta=args.eta
         )
         drawn[kind] = shapes.render_batch(
             [
@@ -101,6 +101,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3, help="noise seeds for σ")
     parser.add_argument("--steps", type=int, default=20, help="DDIM steps")
     parser.add_argument("--cfg", type=float, default=3.0, help="guidance weight")
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--quick", action="store_true", help="16 prompts, no single removals")
     parser.add_argument("--out", type=Path, default=None, help="JSON file to write")
@@ -115,6 +116,8 @@ def main() -> None:
         args.out = RESULTS / name
     if args.quick:
         args.prompts = min(args.prompts, 16)
+    if not 0.0 <= args.eta <= 1.0:
+        parser.error(f"--eta {args.eta}: DDIM's eta is in [0, 1]")
     start = time.perf_counter()
 
     # built (if not cached) with torch's default threads, as `make run` builds it; --threads is
@@ -141,7 +144,9 @@ def main() -> None:
 
     def run(arch, seed: int) -> torch.Tensor:
         noise = initial_noise(space, n, seed)
-        return world.generate(prompts, noise=noise, steps=args.steps, cfg=args.cfg, arch=arch)
+        return world.generate(
+            prompts, noise=noise, seed=seed, steps=args.steps, cfg=args.cfg, arch=arch, eta=args.eta
+        )
 
     full, full_shuffled, cut = [], [], []
     base = None  # per-image scores of the full network at seed 0: the base of single removals
@@ -213,6 +218,7 @@ def main() -> None:
             "seeds": args.seeds,
             "ddim_steps": args.steps,
             "cfg": args.cfg,
+            "ddim_eta": args.eta,
             "clip_score": "100 * max(cos, 0), mean over images",
         },
         "clip": {
