@@ -159,12 +159,27 @@ class TinyWorldConfig:
         _unet_train_config(self).check()
 
 
+# Fields added to TinyWorldConfig after its FORMAT, with the value at which a build is what it
+# was before the field existed. At that value a field stays out of the hash (and the cache's
+# config.json), so that adding an option does not make every cached world stale.
+_ADDED_FIELDS: dict[str, object] = {"unet_timestep_shift": 1.0}
+
+
+def _identity(config: TinyWorldConfig) -> dict:
+    """The config's fields that name its world: all but added fields at their neutral value."""
+    return {
+        k: v
+        for k, v in asdict(config).items()
+        if not (k in _ADDED_FIELDS and v == _ADDED_FIELDS[k])
+    }
+
+
 def config_hash(config: TinyWorldConfig, space: SearchSpace, clip_only: bool = False) -> str:
     """Content hash of what a build depends on: the config, the space (its UNet config and
     rules), and the build format."""
     content = {"format": FORMAT, "clip": config.clip_fields()}
     if not clip_only:
-        content |= {"config": asdict(config), "space": space.spec.model_dump(mode="json")}
+        content |= {"config": _identity(config), "space": space.spec.model_dump(mode="json")}
         content["unet"] = dict(space.unet_config)
     text = json.dumps(content, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -535,7 +550,8 @@ def load_tiny_world(
             "config_hash": key,
         }
         (tmp / "config.json").write_text(
-            json.dumps({"hash": key, "format": FORMAT, "config": asdict(config)}, indent=2) + "\n"
+            json.dumps({"hash": key, "format": FORMAT, "config": _identity(config)}, indent=2)
+            + "\n"
         )
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         _publish(tmp, final)
@@ -547,7 +563,7 @@ def load_tiny_world(
 
 def _load(config: TinyWorldConfig, space: SearchSpace, folder: Path) -> TinyWorld:
     saved = json.loads((folder / "config.json").read_text())
-    if saved.get("config") != json.loads(json.dumps(asdict(config))):
+    if saved.get("config") != json.loads(json.dumps(_identity(config))):
         raise UserError(
             f"the cached tiny world in {folder} was built from another config; delete the "
             "folder (or run `diffnas world build --rebuild`)"

@@ -21,7 +21,14 @@ from nas import shapes
 from nas.cli import main
 from nas.clip import ClipScorer, clip_score, retrieval_top1
 from nas.generate import generate, initial_noise, step_noise_generator
-from nas.world import BUILD_THREADS, TinyWorld, TinyWorldConfig, config_hash, load_tiny_world
+from nas.world import (
+    _ADDED_FIELDS,
+    BUILD_THREADS,
+    TinyWorld,
+    TinyWorldConfig,
+    config_hash,
+    load_tiny_world,
+)
 from search_spaces import UserError, load_space
 
 MINI = TinyWorldConfig.miniature()
@@ -392,7 +399,8 @@ def test_second_load_reuses_the_cache(world, cache):
         assert torch.equal(p, again.supernet.state_dict()[name]), name
     metrics = json.loads((world.folder / "metrics.json").read_text())
     assert metrics["config_hash"] == world.folder.name
-    assert json.loads((world.folder / "config.json").read_text())["config"] == asdict(MINI)
+    saved = json.loads((world.folder / "config.json").read_text())["config"]
+    assert TinyWorldConfig(**saved) == MINI  # what is left out is at its default
 
 
 def test_cache_is_keyed_by_the_config_content(world, cache):
@@ -409,6 +417,21 @@ def test_cache_is_keyed_by_the_config_content(world, cache):
     assert "clip_built" not in built.metrics  # loaded from the CLIP stage's cache
     assert _mtimes(clip_folder) == clip_before
     assert built.metrics["unet_final_loss"] > 0
+
+
+def test_an_added_field_at_its_neutral_value_keeps_the_hash(world):
+    """A field added to TinyWorldConfig after a world was cached leaves that world's hash and
+    config.json alone at the value that builds what was built before the field existed."""
+    space = load_space("tiny")
+    saved = json.loads((world.folder / "config.json").read_text())["config"]
+    for name, neutral in _ADDED_FIELDS.items():
+        assert getattr(MINI, name) == neutral and name not in saved
+        shifted = replace(MINI, **{name: 2 * neutral + 1})
+        assert config_hash(shifted, space) != config_hash(MINI, space)
+    # the hash is that of the fields the config had before: as a config of an older version
+    before = {k: v for k, v in asdict(MINI).items() if k not in _ADDED_FIELDS}
+    assert saved == json.loads(json.dumps(before))
+    assert load_tiny_world(MINI, progress=False).folder == world.folder
 
 
 def test_rebuild_trains_again_and_reproduces(world):
