@@ -77,6 +77,10 @@ class TrainConfig:
     num_train_timesteps: int = 1000  # DDPM timesteps, as Stable Diffusion
     # > 1 draws noisier timesteps (SD3's shift: uniform u -> s u / (1 + (s - 1) u), t = u T)
     timestep_shift: float = 1.0
+    # share of timesteps drawn instead from the noisiest ones, t >= timestep_noisy_from * T:
+    # more training where only the prompt says what goes where, without fewer low-noise steps
+    timestep_noisy_share: float = 0.0
+    timestep_noisy_from: float = 0.85  # where "the noisiest" begins, as a fraction of T
     beta_schedule: str = "scaled_linear"  # DDPM beta schedule; SD uses "scaled_linear"
     beta_start: float = 0.00085  # first beta (SD's value)
     beta_end: float = 0.012  # last beta (SD's value)
@@ -130,6 +134,15 @@ class TrainConfig:
         ]:
             if value < 0:
                 raise UserError(f"{name}={value} must not be negative")
+        if not 0.0 <= self.timestep_noisy_share <= 1.0:
+            raise UserError(
+                f"timestep_noisy_share={self.timestep_noisy_share} must be a share in [0, 1]"
+            )
+        if not 0.0 <= self.timestep_noisy_from < 1.0:
+            raise UserError(
+                f"timestep_noisy_from={self.timestep_noisy_from} must be a fraction of the "
+                "timesteps in [0, 1)"
+            )
         if not 0.0 <= self.cfg_dropout <= 1.0:
             raise UserError(f"cfg_dropout={self.cfg_dropout} must be a probability in [0, 1]")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
@@ -614,13 +627,21 @@ def train(
 def _timesteps(config: TrainConfig, batch: int, gen: torch.Generator) -> torch.Tensor:
     """Training timesteps: uniform, or with `timestep_shift` s > 1 noisier ones: a uniform u in
     [0, 1) becomes s u / (1 + (s - 1) u), so that with s = 3 half of them lie at t >= 3T/4 (a
-    quarter when uniform). Near pure noise only the prompt says where and what to draw."""
+    quarter when uniform). Near pure noise only the prompt says where and what to draw. Then
+    a `timestep_noisy_share` of them is replaced by timesteps drawn from the noisiest ones: a
+    shift takes its noisy steps from the low-noise ones, where shapes get their edges; this
+    takes them from everywhere alike."""
     n = config.num_train_timesteps
     if config.timestep_shift == 1.0:  # randint, as before the shift: the same runs, bit for bit
-        return torch.randint(0, n, (batch,), generator=gen)
-    u = torch.rand(batch, generator=gen)
-    s = config.timestep_shift
-    return (s * u / (1 + (s - 1) * u) * n).long().clamp(max=n - 1)
+        t = torch.randint(0, n, (batch,), generator=gen)
+    else:
+        u = torch.rand(batch, generator=gen)
+        s = config.timestep_shift
+        t = (s * u / (1 + (s - 1) * u) * n).long().clamp(max=n - 1)
+    if config.timestep_noisy_share > 0:  # no draws at 0: runs from before keep their stream
+        noisy = torch.randint(int(config.timestep_noisy_from * n), n, (batch,), generator=gen)
+        t = torch.where(torch.rand(batch, generator=gen) < config.timestep_noisy_share, noisy, t)
+    return t
 
 
 def _loss(pred, target, t, scheduler: DDPMScheduler, config: TrainConfig) -> torch.Tensor:
@@ -738,6 +759,8 @@ _RUN_FIELDS = (
     "prediction_type",
     "num_train_timesteps",
     "timestep_shift",
+    "timestep_noisy_share",
+    "timestep_noisy_from",
     "beta_schedule",
     "beta_start",
     "beta_end",

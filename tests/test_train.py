@@ -142,6 +142,35 @@ def test_timestep_shift_draws_noisier_timesteps(space, data):
         config(timestep_shift=0.0).check()
 
 
+def test_noisy_share_draws_more_of_the_noisiest_timesteps(space, data):
+    n = 20_000
+    uniform = _timesteps(config(), n, torch.Generator().manual_seed(0))
+    # share 0 draws nothing more: the same stream as before the option
+    assert torch.equal(
+        uniform, torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(0))
+    )
+    mixed = _timesteps(config(timestep_noisy_share=0.3), n, torch.Generator().manual_seed(0))
+    assert mixed.min() >= 0 and mixed.max() <= 999
+    # t >= 850: 15% of the uniform draws; 0.3 + 0.7 * 0.15 with the share
+    assert within(int((uniform >= 850).sum()), n, 0.15, 4)
+    assert within(int((mixed >= 850).sum()), n, 0.405, 4)
+    # below the noisiest part every timestep keeps 70% of its uniform frequency
+    assert within(int((mixed < 300).sum()), n, 0.7 * 0.3, 4)
+    later = _timesteps(
+        config(timestep_noisy_share=1.0, timestep_noisy_from=0.5), n, torch.Generator()
+    )
+    assert later.min() >= 500
+    plain = train(make_model(space), data, config(steps=2), progress=False).losses
+    noisy = train(
+        make_model(space), data, config(steps=2, timestep_noisy_share=0.5), progress=False
+    )
+    assert noisy.losses != pytest.approx(plain)
+    with pytest.raises(UserError, match=r"timestep_noisy_share=1.5 must be a share in \[0, 1\]"):
+        config(timestep_noisy_share=1.5).check()
+    with pytest.raises(UserError, match=r"timestep_noisy_from=1.0 must be a fraction"):
+        config(timestep_noisy_from=1.0).check()
+
+
 def test_resume_reaches_the_same_weights_and_losses(space, data, tmp_path):
     # a schedule and Min-SNR weighting, to check that a resumed run picks the schedule up
     cfg = dict(ema_decay=0.9, seed=1, lr_scheduler="cosine", lr_warmup_steps=2, snr_gamma=5.0)

@@ -488,6 +488,12 @@ def test_unet_training_fields_reach_the_trainer(world):
     built = TinyWorld(warmed, world.space, world.clip, world.supernet)
     assert built.train_config(steps=20).skip_warmup_steps == 0
     assert _unet_train_config(MINI).snr_gamma is None
+    noisy = _unet_train_config(
+        replace(MINI, unet_timestep_shift=2.0, unet_timestep_noisy_share=0.3)
+    )
+    assert (noisy.timestep_shift, noisy.timestep_noisy_share) == (2.0, 0.3)
+    with pytest.raises(UserError, match="timestep_noisy_share=2"):
+        replace(MINI, unet_timestep_noisy_share=2.0).check()  # before anything is built
 
 
 # -- the command line ----------------------------------------------------------------------------
