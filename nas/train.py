@@ -78,7 +78,8 @@ class TrainConfig:
     # > 1 draws noisier timesteps (SD3's shift: uniform u -> s u / (1 + (s - 1) u), t = u T)
     timestep_shift: float = 1.0
     # share of timesteps drawn instead from the noisiest ones, t >= timestep_noisy_from * T:
-    # more training where only the prompt says what goes where, without fewer low-noise steps
+    # more training where only the prompt says what goes where, with every other timestep
+    # drawn (1 - share) as often, where a shift cuts most from the low-noise ones
     timestep_noisy_share: float = 0.0
     timestep_noisy_from: float = 0.85  # where "the noisiest" begins, as a fraction of T
     beta_schedule: str = "scaled_linear"  # DDPM beta schedule; SD uses "scaled_linear"
@@ -629,8 +630,8 @@ def _timesteps(config: TrainConfig, batch: int, gen: torch.Generator) -> torch.T
     [0, 1) becomes s u / (1 + (s - 1) u), so that with s = 3 half of them lie at t >= 3T/4 (a
     quarter when uniform). Near pure noise only the prompt says where and what to draw. Then
     a `timestep_noisy_share` of them is replaced by timesteps drawn from the noisiest ones: a
-    shift takes its noisy steps from the low-noise ones, where shapes get their edges; this
-    takes them from everywhere alike."""
+    shift takes its noisy steps mostly from the low-noise ones (s = 3: t < T/4 falls from a
+    quarter to a tenth); this takes them from every timestep alike."""
     n = config.num_train_timesteps
     if config.timestep_shift == 1.0:  # randint, as before the shift: the same runs, bit for bit
         t = torch.randint(0, n, (batch,), generator=gen)
