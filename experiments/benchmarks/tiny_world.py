@@ -38,8 +38,9 @@ import torch
 from scipy.stats import spearmanr
 
 from nas import shapes
-from nas.generate import initial_noise
+from nas.generate import check_eta, initial_noise
 from nas.world import TinyWorldConfig, load_tiny_world
+from search_spaces import UserError
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -116,7 +117,9 @@ def main() -> None:
         args.out = RESULTS / name
     if args.quick:
         args.prompts = min(args.prompts, 16)
-    if not 0.0 <= args.eta <= 1.0:
+    try:
+        check_eta(args.eta)  # the sampler's rule, checked before the world is built
+    except UserError:
         parser.error(f"--eta {args.eta}: DDIM's eta is in [0, 1]")
     start = time.perf_counter()
 
@@ -142,10 +145,9 @@ def main() -> None:
     def clip_of(images: torch.Tensor, texts: list[str]) -> torch.Tensor:
         return world.score(images, texts)
 
-    def run(arch, seed: int) -> torch.Tensor:
-        noise = initial_noise(space, n, seed)
+    def run(arch, seed: int) -> torch.Tensor:  # from initial_noise(space, n, seed)
         return world.generate(
-            prompts, noise=noise, seed=seed, steps=args.steps, cfg=args.cfg, arch=arch, eta=args.eta
+            prompts, seed=seed, steps=args.steps, cfg=args.cfg, arch=arch, eta=args.eta
         )
 
     full, full_shuffled, cut = [], [], []
