@@ -198,11 +198,10 @@ def evolve(
                 base_clip = evaluator.clip_score(arch)
                 values = evaluator.evaluate(arch, predictor, ("remove",), base_clip, bar.update)
         latency = predictor.predict(arch).total_ms
+        rules = []  # why each removal was chosen
         if latency > target_ms:
-            decision, changed = (
-                "remove",
-                _remove(space, arch, values, s.group_size, predictor, target_ms),
-            )
+            changed, rules = _remove(space, arch, values, s.group_size, predictor, target_ms)
+            decision = "remove"
         elif s.copy_blocks:
             decision, changed = (
                 "copy",
@@ -225,6 +224,7 @@ def evolve(
             "images": images,
             "decision": decision,
             "applied": [str(a) for a in changed],
+            "rules": rules,
             "arch_after": after.to_dict(),
             "latency_after_ms": predictor.predict(after).total_ms,
             "converged": converged,
@@ -251,18 +251,39 @@ def evolve(
     return _finish(model, evaluator, predictor, run, arch, target_ms, it)
 
 
-def _remove(space, arch, values: list[ActionValue], n, predictor, target_ms) -> list[Action]:
-    """The n lowest-value removals, legality re-checked after each; the group stops early
-    once the target is met (removing more would only lose CLIP score)."""
-    chosen, current = [], arch
-    for v in sorted(values, key=lambda v: v.value):
-        action = Action("remove", v.slot)
-        if len(chosen) == n or predictor.predict(current).total_ms <= target_ms:
+def _remove(
+    space, arch, values: list[ActionValue], n, predictor, target_ms
+) -> tuple[list[Action], list[str]]:
+    """Up to n removals, legality re-checked after each, stopping once the target is met,
+    and the rule that chose each.
+
+    Each pick is the lowest-value legal removal, unless some legal removal meets the target
+    by itself: then it is the one of those that loses least CLIP. The lowest value (CLIP per
+    ms) favours expensive blocks, so near the target it would take out a costly block and land
+    far past the target, losing CLIP for latency nobody asked for."""
+    chosen, rules, current = [], [], arch
+    while len(chosen) < n and predictor.predict(current).total_ms > target_ms:
+        legal = [
+            v
+            for v in values
+            if current[v.slot] > 0 and not space.violations(current.apply(Action("remove", v.slot)))
+        ]
+        if not legal:
             break
-        if current[v.slot] > 0 and not space.violations(current.apply(action)):
-            chosen.append(action)
-            current = current.apply(action)
-    return chosen
+        landing = [
+            v
+            for v in legal
+            if predictor.predict(current.apply(Action("remove", v.slot))).total_ms <= target_ms
+        ]
+        if landing:
+            pick, rule = max(landing, key=lambda v: v.clip), "meets the target, least CLIP loss"
+        else:
+            pick, rule = min(legal, key=lambda v: v.value), "lowest value"
+        action = Action("remove", pick.slot)
+        chosen.append(action)
+        rules.append(rule)
+        current = current.apply(action)
+    return chosen, rules
 
 
 def _copy(space, arch, values, n, predictor, target_ms) -> list[Action]:

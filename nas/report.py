@@ -173,7 +173,7 @@ def _html(run, history, result, has_values) -> str:
         )
     its = "".join(
         f"<tr><td>{h['iteration']}</td><td>{h['latency_ms']:.2f}</td><td>{h['clip']:.2f}</td>"
-        f"<td>{e(h['decision'])}</td><td>{e(', '.join(h['applied']) or '-')}</td>"
+        f"<td>{e(h['decision'])}</td><td>{e(_applied(h))}</td>"
         f"<td>{h['seconds']:.0f} s</td></tr>"
         for h in history
     )
@@ -213,3 +213,10 @@ figure{{margin:0}}</style></head><body>
 <h2>Block values</h2>{values}<h2>Latency per stage</h2>{stages}{grids}
 </body></html>
 """
+
+
+def _applied(record: dict) -> str:
+    """The applied actions, each with the rule that chose it (histories before rules: none)."""
+    rules = record.get("rules") or [""] * len(record["applied"])  # copies have no rule
+    parts = [f"{a} ({r})" if r else a for a, r in zip(record["applied"], rules, strict=True)]
+    return ", ".join(parts) or "-"

@@ -69,10 +69,36 @@ def open_world(exp: Experiment, space: SearchSpace, progress: bool = True):
     return world
 
 
+def search_prompts(exp: Experiment, world) -> list[str]:
+    """The validation prompts the search scores: the first `evaluation.prompts` of the world."""
+    n = exp.evaluation.prompts
+    if n > len(world.val_prompts):
+        raise UserError(
+            f"evaluation.prompts={n}, but the {exp.world.kind} world has only "
+            f"{len(world.val_prompts)} validation prompts; lower evaluation.prompts"
+        )
+    return world.val_prompts[:n]
+
+
+def held_out_prompts(exp: Experiment, world, n: int | None = None) -> list[str]:
+    """`n` validation prompts the search never scored (default: all of them), to judge its
+    result on: they follow the search's prompts in the world's list, so they share no scene
+    with them, nor with training (the world holds its validation scenes out of training)."""
+    used = exp.evaluation.prompts
+    rest = world.val_prompts[used:]
+    if n is not None and n > len(rest):
+        raise UserError(
+            f"{n} held-out prompts asked for, but the {exp.world.kind} world has "
+            f"{len(world.val_prompts)} validation prompts and the search scores the first "
+            f"{used}: at most {len(rest)} are held out; ask for fewer (and more noises each)"
+        )
+    return rest if n is None else rest[:n]
+
+
 def make_evaluator(exp: Experiment, world) -> Evaluator:
     """The experiment's action evaluator in `world` (its protocol: prompts, seeds, steps...)."""
     e = exp.evaluation
-    prompts = world.val_prompts[: e.prompts]
+    prompts = search_prompts(exp, world)
     protocol = Protocol(
         prompts,
         seeds=e.seeds,

@@ -1,17 +1,22 @@
 """The search end to end on a miniature tiny world: run directory, resume, report, errors."""
 
+import importlib.util
 import json
+import sys
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
+from nas import shapes
 from nas.evolve import RunDir
 from nas.experiment import Experiment, load_experiment
-from nas.search import open_world, run_search
+from nas.search import held_out_prompts, open_world, run_search, search_prompts
 from nas.world import TinyWorldConfig
 from search_spaces import Architecture, UserError, load_space
 
+FIDELITY = Path(__file__).parents[1] / "experiments" / "benchmarks" / "search_fidelity.py"
 EXPERIMENT = {
     "name": "mini",
     "space": "tiny",
@@ -66,8 +71,13 @@ def test_run_directory_has_everything(uninterrupted):
         assert a["value"] == pytest.approx(a["delta_clip"] / a["delta_ms"])
     # the latency is above the target at first, so the lowest-value blocks are removed
     assert first["latency_ms"] > first["target_ms"] and first["decision"] == "remove"
-    lowest = sorted(first["actions"], key=lambda a: a["value"])[0]["slot"]
-    assert f"remove {lowest}" in first["applied"]
+    # the first removal is the lowest-value one, unless a removal meets the target by itself
+    by_value = sorted(first["actions"], key=lambda a: a["value"])
+    if first["rules"][0] == "lowest value":
+        assert first["applied"][0] == f"remove {by_value[0]['slot']}"
+    else:
+        assert first["rules"] == ["meets the target, least CLIP loss"]
+        assert first["latency_after_ms"] <= first["target_ms"]
     assert history[1]["arch"] == first["arch_after"]
     final = Architecture.load(run / "final.arch.json")
     assert final.to_dict() == history[-1]["arch_after"]
@@ -133,3 +143,46 @@ def test_world_config_names_another_tiny_world(env, uninterrupted):
     sd = {"kind": "stable_diffusion", "pipeline": "p", "captions": "c", "clip_weights": "w"}
     with pytest.raises(ValidationError, match="world_config: only for kind tiny"):
         Experiment.model_validate({**EXPERIMENT, "world": {**sd, "world_config": "w.json"}})
+
+
+def test_too_many_evaluation_prompts_are_refused(env, uninterrupted):
+    root, exp_file = env
+    exp = load_experiment(exp_file, **{"evaluation.prompts": 71})  # the tiny world has 70
+    with pytest.raises(UserError, match="has only 70 validation prompts; lower evaluation"):
+        run_search(exp, runs=root / "runs", name="too-many", progress=False)
+    assert not (root / "runs" / "too-many" / "history.jsonl").exists()
+
+
+def test_held_out_prompts_share_no_scene_with_the_search_nor_training(env, uninterrupted):
+    _, exp_file = env
+    exp = load_experiment(exp_file, **{"evaluation.prompts": 32})
+    world = open_world(exp, load_space("tiny"), progress=False)
+    searched = {shapes.caption_key(p) for p in search_prompts(exp, world)}
+    held = held_out_prompts(exp, world)
+    assert len(searched) == 32 and len(held) == 70 - 32
+    held_keys = {shapes.caption_key(p) for p in held}
+    trained = {shapes.caption_key(p) for p in world.train_prompts}
+    assert not held_keys & searched and not held_keys & trained
+    assert held_out_prompts(exp, world, 10) == held[:10]
+    with pytest.raises(UserError, match="at most 38 are held out"):
+        held_out_prompts(exp, world, 39)
+
+
+def test_search_fidelity_judges_on_both_weights(env, uninterrupted):
+    _, exp_file = env
+    spec = importlib.util.spec_from_file_location("search_fidelity", FIDELITY)
+    bench = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(FIDELITY.parent))
+    try:
+        spec.loader.exec_module(bench)
+    finally:
+        sys.path.remove(str(FIDELITY.parent))
+    args = bench.parse_args(["--random", "2", "--prompts", "4", "--seeds", "1", "--steps", "2"])
+    judged = bench.judge(load_experiment(exp_file), uninterrupted.run_dir, args)
+    assert judged["protocol"]["prompts"] == 4 and judged["protocol"]["search_prompts"] == 2
+    for weights in ("final", "world"):
+        r = judged[weights]
+        assert len(r["random_clips"]) == 2
+        assert r["found_vs_full"] == pytest.approx(r["found_clip"] / r["full_clip"])
+    # the run's final weights were fine-tuned by the search: they score differently
+    assert judged["final"]["full_clip"] != judged["world"]["full_clip"]
