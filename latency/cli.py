@@ -279,8 +279,9 @@ def register_validate(measure_factory) -> None:
         rounds: int = typer.Option(
             2,
             "--rounds",
-            help="Passes over all networks, each in a new order; each keeps its fastest. "
-            "2 or more also measures the timing noise (round 1 vs round 2).",
+            help="Passes over all networks, each in a new order: 1, or an even number. Each "
+            "network keeps its fastest of the odd rounds (judged); its fastest of the even rounds "
+            "measures the timing noise the same way.",
         ),
         threads: int = typer.Option(None, "--threads"),
         seed: int = typer.Option(0, "--seed"),
@@ -317,6 +318,11 @@ def register_validate(measure_factory) -> None:
             raise typer.BadParameter("need at least 2 samples", param_hint="--samples")
         if rounds < 1:
             raise typer.BadParameter("need at least 1 round", param_hint="--rounds")
+        if rounds % 2 and rounds > 1:
+            raise typer.BadParameter(
+                f"{rounds}: give 1, or an even number (half the rounds measure the noise)",
+                param_hint="--rounds",
+            )
         sp = load_space(space)
         with open_table(db) as table:
             predictor = Predictor(

@@ -28,6 +28,15 @@ def test_spaces_tiny_alone(tmp_path):
     assert set(results) == {"tiny"}
     assert len(results["tiny"]["measured_ms"]) == 3 + 1  # the samples and the original
     assert (tmp_path / "acc_tiny.png").is_file()
+    written = json.loads(out.read_text())
+    assert written["command"].startswith("python experiments/benchmarks/latency_accuracy.py ")
+    assert written["settings"]["rounds"] == 2 and written["commit"]
+
+
+def test_odd_rounds_are_refused(tmp_path):
+    proc = run("--spaces", "tiny", "--rounds", "3", "--out", str(tmp_path / "x.json"))
+    assert proc.returncode == 2 and "--rounds 3: give 1 or an even number" in proc.stderr
+    assert not (tmp_path / "x.json").exists()
 
 
 def test_spaces_rejects_an_unknown_space(tmp_path):

@@ -342,6 +342,16 @@ def test_zero_rounds_is_a_usage_error(tmp_path, capsys, command):
     assert not db.exists()
 
 
+def test_odd_validation_rounds_are_a_usage_error(tmp_path, capsys):
+    # half the rounds are judged, the other half is the noise ceiling: they must be equal
+    db = tmp_path / "x.db"
+    code, out, err = run(
+        capsys, "latency", "validate", "tiny", "--device", DEVICE, "--rounds", "3", "--db", db
+    )
+    assert code == 2 and "--rounds: 3: give 1, or an even number" in err
+    assert "Traceback" not in err and not db.exists()
+
+
 def test_coreml_build_on_linux_says_it_needs_macos(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("latency.backends.coreml.platform.system", lambda: "Linux")
     monkeypatch.setenv("DIFFNAS_CACHE", str(tmp_path / "cache"))

@@ -9,8 +9,9 @@ Targets: MAPE <= 5%, >= 90% of networks within ±10%, Kendall τ >= 0.9. Both th
 and the calibrated prediction are reported; the calibration (a linear fit, as stored by
 `diffnas latency validate --calibrate`) is fitted on 5 other random architectures, never on
 the ones it is judged on. The headline is the calibrated MAPE. Blocks and networks alike are
-measured in --rounds passes, each in a new order, keeping each one's fastest; round 1 vs
-round 2 of the networks is the timing noise ceiling, printed as "noise" (what no table can
+measured in --rounds passes, each in a new order. Each network keeps its fastest over the odd
+rounds, which the table is judged against; its fastest over the even rounds, judged against
+the odd ones the same way, is the timing noise ceiling, printed as "noise" (what no table can
 beat on this machine). `--protocol paired` (as `diffnas latency validate --protocol
 paired`) times each network right after its own blocks instead, so that a drift of the
 machine between the table and the networks does not count as the table's error (what is
@@ -31,12 +32,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from provenance import provenance
 
 from latency.backends import get_backend
 from latency.predict import Predictor
@@ -123,9 +123,9 @@ def main() -> None:
         "--rounds",
         type=int,
         default=2,
-        help="passes over the blocks and the networks, each in a new order, keeping each "
-        "one's fastest; "
-        ">= 2 also reports the timing noise ceiling (round 1 vs round 2)",
+        help="passes over the blocks and the networks, each in a new order: 1, or an even "
+        "number; blocks keep their fastest, networks their fastest of the odd rounds (judged) "
+        "and of the even rounds (the noise ceiling, judged against the odd ones the same way)",
     )
     ap.add_argument(
         "--threads",
@@ -174,6 +174,8 @@ def main() -> None:
         "the scatter plots go beside it (NAME_sd15.png, NAME_tiny.png)",
     )
     args = ap.parse_args()
+    if args.rounds < 1 or (args.rounds > 1 and args.rounds % 2):
+        ap.error(f"--rounds {args.rounds}: give 1 or an even number")
     if args.quick:
         args.samples = 6
     if args.out is None:
@@ -220,17 +222,11 @@ def main() -> None:
         "benchmark": "latency_accuracy",
         "compute_unit": args.compute_unit,
         "gpu": torch.cuda.get_device_name() if args.compute_unit == "cuda" else None,
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "cpu_steal_share": steal,  # of all CPU time during the run (None: not Linux)
-        },
         "targets": {"mape": 5.0, "within_10": 0.9, "kendall_tau": 0.9},
-        "settings": {k: v for k, v in vars(args).items() if k != "out"},  # the flags of the run
         "results": results,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+    summary |= provenance(args)
+    summary["machine"]["cpu_steal_share"] = steal  # of all CPU time in the run (None: not Linux)
     args.out.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"{'space':8} {'':10} {'MAPE %':>8} {'±5%':>6} {'±10%':>6} {'τ':>6} {'build s':>8}")
     for key, r in results.items():
@@ -246,7 +242,7 @@ def main() -> None:
             n = r["repeat"]
             print(
                 f"{key:8} {'noise':10} {n['mape']:8.2f} {'':6} {n['within_10']:6.2f} "
-                f"{n['kendall_tau']:6.3f}   (the same networks measured twice)"
+                f"{n['kendall_tau']:6.3f}   (the same networks, other rounds)"
             )
     if steal is not None:
         print(f"CPU steal during the run: {100 * steal:.1f}% of CPU time")
