@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import statistics
 
 import numpy as np
 import pytest
@@ -18,7 +19,8 @@ from latency.transfer import Candidate, block_cost, choose, transfer
 from search_spaces import UserError, load_space
 
 TORCH_CPU = {"backend": "torch", "compute_unit": "cpu", "precision": "fp32"}
-KIND_FACTOR = {"cross_attention": 1.6, "resnet": 1.9, "concat": 1.0}
+# device B's fixed cost per block kind (launches, layout changes): not a function of A's time
+LAUNCH_MS = {"cross_attention": 0.12, "resnet": 0.05, "concat": 0.01}
 
 
 @pytest.fixture(autouse=True)
@@ -33,9 +35,14 @@ def a_ms(sig) -> float:
 
 
 def b_ms(sig) -> float:
-    """Device B: slower, more so for big blocks and by kind, with a little noise."""
+    """Device B, of another kind than A and outside the transfer model's family (log(B/A)
+    linear in size features and kind offsets): a roofline — compute-bound or memory-bound,
+    whichever is slower, at another balance than A's sum — plus a fixed cost per kind, and
+    a little noise. Ranking B's blocks by A's latencies is then wrong for many pairs."""
+    flops, moved = block_cost(sig)
     noise = random.Random(sig.hash).uniform(0.97, 1.03)
-    return KIND_FACTOR.get(sig.kind, 1.4) * a_ms(sig) ** 1.1 * 2.0 * noise
+    roof = max(flops / 3e8, moved / 2e8)
+    return (LAUNCH_MS.get(sig.kind, 0.03) + roof) * noise
 
 
 @pytest.fixture
@@ -72,10 +79,15 @@ def test_transfer_measures_k_and_predicts_the_rest(table):
     true = [truth[h] for h in hashes]
     tau = stats.kendalltau(pred, true).statistic
     rest = [s for s in tiny_blocks() if s.hash in report.predicted]
+    a_of = {s.hash: a_ms(s) for s in tiny_blocks()}
     naive = stats.kendalltau([a_ms(s) for s in rest], [b_ms(s) for s in rest]).statistic
-    assert tau >= 0.9 and tau > naive  # better than ranking B's blocks by A's latencies
-    assert np.mean(np.abs(np.array(pred) / np.array(true) - 1)) < 0.1
-    assert math.isfinite(report.loo_mape) and report.loo_mape < 15
+    assert tau > naive  # better than ranking B's blocks by A's latencies
+    # and far better than A scaled by the anchors' median ratio (B is not A times a constant)
+    mape = np.mean(np.abs(np.array(pred) / np.array(true) - 1))
+    ratio = statistics.median(truth[h] / a_of[h] for h in report.anchors)
+    scaled = np.mean([abs(a_ms(s) * ratio / b_ms(s) - 1) for s in rest])
+    assert mape < 0.2 and mape < scaled / 2, (mape, scaled)
+    assert math.isfinite(report.loo_mape) and report.loo_mape < 30
 
     # the table now predicts B's networks; measured rows are never shadowed by predicted ones
     space = load_space("tiny")

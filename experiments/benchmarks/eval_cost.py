@@ -8,8 +8,10 @@ evolution iteration evaluates), side by side in one run:
    (P images, S steps) is the first P images at S steps, so every protocol is measured in
    the same run, on the same noises;
 2. for each protocol, Kendall τ of its action values against the protocols 4x larger (4P
-   images at S steps, and 2P images at 2S steps); the smallest protocol with τ >= --tau
-   against both is the cheapest honest one; also the standard error of each ΔCLIP;
+   images at S steps, and 2P images at 2S steps), each on images of its own: other
+   prompts and other noises than the protocol's (a reference that shared them would agree
+   with it for free); the smallest protocol with τ >= --tau against both is the cheapest
+   honest one; also the standard error of each ΔCLIP;
 3. racing (`nas.racing.race`: all actions on a few images, more only near the cut) on all
    images at the search's step count: does it pick the same `group_size` removals as every
    action on every image, at what share of the cost;
@@ -25,11 +27,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
 import torch
+from provenance import provenance
 from scipy.stats import kendalltau
 from tqdm import tqdm
 
@@ -43,6 +45,14 @@ from search_spaces import load_space
 RESULTS = Path(__file__).parent / "results"
 EXPERIMENT = Path(__file__).parents[1] / "tiny.yaml"
 PAPER_IMAGE_STEPS = 2000 * 50  # per action: 2K MS-COCO prompts, 50 DDIM steps
+
+
+def independent_images(prompts: list[str], p: int, n: int) -> list[int] | None:
+    """Indices of n images sharing neither prompt nor noise with the first p (image i has
+    noise i, so other indices are other noises), or None if there are too few."""
+    taken = set(prompts[:p])
+    rest = [i for i in range(p, len(prompts)) if prompts[i] not in taken]
+    return rest[:n] if len(rest) >= n else None
 
 
 def main() -> None:
@@ -90,24 +100,29 @@ def main() -> None:
         per_image[steps] = {"base": base, "actions": rows}
         print(f"{steps:3d} steps: {seconds[steps]:.2f} s per action ({len(prompts)} images)")
 
-    def values(p: int, steps: int) -> list[float]:
+    def values(images: list[int] | int, steps: int) -> list[float]:
+        """Action values on these images (or the first n) at `steps`."""
+        idx = torch.tensor(list(range(images)) if isinstance(images, int) else images)
         data = per_image[steps]
-        base = float(data["base"][:p].mean())
+        base = float(data["base"][idx].mean())
         return [
-            action_value(a, base, float(s[:p].mean()), base_ms, ms, 0.0).value
+            action_value(a, base, float(s[idx].mean()), base_ms, ms, 0.0).value
             for a, s, ms in zip(actions, data["actions"], after_ms, strict=True)
         ]
 
-    # 2. each protocol against the one 4x larger
+    def independent(p: int, n: int) -> list[int] | None:
+        return independent_images(prompts, p, n)
+
+    # 2. each protocol against the ones 4x larger, on independent images
     protocols = []
     p = 4
-    while 2 * p <= len(prompts):
+    while independent(p, 2 * p) is not None:
         for steps in steps_list:
             row = {"images": p, "steps": steps, "cost": p * steps}
-            if 4 * p <= len(prompts):
-                row["tau_4x_images"] = kendalltau(values(p, steps), values(4 * p, steps)).statistic
+            if (four := independent(p, 4 * p)) is not None:
+                row["tau_4x_images"] = kendalltau(values(p, steps), values(four, steps)).statistic
             if 2 * steps in per_image:
-                bigger = values(2 * p, 2 * steps)
+                bigger = values(independent(p, 2 * p), 2 * steps)
                 row["tau_2x2"] = kendalltau(values(p, steps), bigger).statistic
             taus = [v for k, v in row.items() if k.startswith("tau")]
             if taus:
@@ -184,13 +199,9 @@ def main() -> None:
         },
         "delta_ms": {str(a): base_ms - ms for a, ms in zip(actions, after_ms, strict=True)},
         "racing_vs_paper_x": paper / racing_image_steps,
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "threads": args.threads,
-            "torch": torch.__version__,
-        },
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "reference": "independent: other prompts and noises than the protocol's",
     }
+    result |= provenance(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     table.close()

@@ -28,13 +28,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from provenance import provenance
 from scipy.stats import spearmanr
 
 from nas import shapes
@@ -81,7 +81,13 @@ def shape_accuracy(world, args, noises: int = 4) -> dict[str, dict[str, float]]:
 
     pairs = [(a, b) for i, a in enumerate(shapes.SHAPES) for b in shapes.SHAPES[i + 1 :]]
     return {
-        f"{a}_{b}": {"generated": wins(generated, a, b, 1), "drawn": wins(drawn, a, b, noises)}
+        f"{a}_{b}": {
+            "generated": wins(generated, a, b, 1),
+            "drawn": wins(drawn, a, b, noises),
+            # images compared per pair (both shapes' images, each against the other shape)
+            "generated_images": 2 * len(prompts(a)),
+            "drawn_images": 2 * len(shapes.COLOURS),
+        }
         for a, b in pairs
     }
 
@@ -194,16 +200,6 @@ def main() -> None:
     accuracy = shape_accuracy(world, args)
     deltas = [s["delta_clip"] for s in singles.values()]
     result = {
-        "command": "python experiments/benchmarks/tiny_world.py"
-        + (" --quick" if args.quick else "")
-        + (" --miniature" if args.miniature else "")
-        + (f" --world-config {args.world_config}" if args.world_config else ""),
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "load_average_at_end": None,
-        },
         "world": {
             "config_hash": m.get("config_hash"),
             "built_in_this_run": world.built,
@@ -247,6 +243,7 @@ def main() -> None:
         "seconds_per_evaluation": seconds_per_eval,
         "seconds": time.perf_counter() - start,
     }
+    result |= provenance(args)
     result["machine"]["load_average_at_end"] = list(os.getloadavg())
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
