@@ -11,18 +11,13 @@ import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
-
-import torch
-from diffusers import UNet2DConditionModel
-from diffusers.models.attention_processor import Attention
-from diffusers.models.resnet import ResnetBlock2D
-from diffusers.models.transformers.transformer_2d import Transformer2DModel
+from typing import TYPE_CHECKING, Any
 
 from .errors import SpaceError
 
-# The block classes a slot may hold, by the kind name used in space files.
-BLOCK_KINDS = {"resnet": ResnetBlock2D, "cross_attention": Transformer2DModel}
+if TYPE_CHECKING:  # torch and diffusers take seconds to import: only building a UNet needs them
+    import torch
+    from diffusers import UNet2DConditionModel
 
 
 def builtin_unet_names() -> list[str]:
@@ -58,6 +53,9 @@ def pretrained_unet_config(folder: str | Path) -> dict[str, Any]:
 
 def build_unet(config: dict[str, Any], device: str | torch.device = "cpu") -> UNet2DConditionModel:
     """A `UNet2DConditionModel` from a config; on "meta" it has shapes and no weights."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
     try:
         with torch.device(device):
             return UNet2DConditionModel.from_config(config)
@@ -87,6 +85,11 @@ def read_blocks(
     unet: UNet2DConditionModel, latent: tuple[int, int, int], context: tuple[int, int], batch: int
 ) -> list[BlockInfo]:
     """Every ResNet and Transformer2D block of the down, mid and up blocks, in execution order."""
+    import torch
+    from diffusers.models.attention_processor import Attention
+    from diffusers.models.resnet import ResnetBlock2D
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
     seen: dict[str, tuple[int, ...]] = {}
     skips: dict[str, int] = {}
     handles = []
