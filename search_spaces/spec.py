@@ -25,7 +25,8 @@ class BaseSpec(_Strict):
     """Where the base UNet comes from: exactly one of the three."""
 
     builtin: str | None = None  # a built-in UNet config: sd15, sd21, tiny
-    config: dict[str, Any] | None = None  # an inline diffusers UNet2DConditionModel config
+    # a diffusers UNet2DConditionModel config: inline, or the path of its JSON file
+    config: dict[str, Any] | str | None = None
     pretrained: str | None = None  # a local diffusers pipeline folder holding unet/config.json
 
     @model_validator(mode="after")
