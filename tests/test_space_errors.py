@@ -340,6 +340,15 @@ def test_base_config_file_missing_or_a_folder(tmp_path, write_yaml, find_line):
     assert "is a folder, not a UNet config file; `pretrained:" in message
 
 
+def test_base_config_neither_a_mapping_nor_a_path(write_yaml, find_line):
+    path = config_space(write_yaml, "[1, 2]")
+    message = load_error(path)
+    assert message == (
+        f"{path}:{find_line(path, 'config:')}: base.config: give the UNet config as a mapping, "
+        "or the path of its JSON file (e.g. config: my_unet.json)"
+    )
+
+
 def test_base_config_file_not_json(tmp_path, write_yaml):
     (tmp_path / "my_unet.json").write_text('{"in_channels": 12,\n oops}')
     message = load_error(config_space(write_yaml, "my_unet.json"))
