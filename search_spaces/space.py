@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .architecture import Action, Architecture
+from .block_cache import blocks_key, load_blocks, store_blocks
 from .errors import ArchitectureError, SpaceError
 from .spec import SpaceSpec, read_spec
 from .unet import (
@@ -117,18 +118,12 @@ class SearchSpace:
         self.context = tuple(spec.inputs.context)
         self.batch = spec.inputs.batch
 
-        try:
-            unet = build_unet(self.unet_config, device="meta")
-        except SpaceError as e:
-            raise SpaceError(f"{spec.where('base')}: {e}") from None
-        # before the UNet runs: a mismatch would surface as torch's matmul shape error
-        if problem := context_problem(unet.config, self.unet_config, self.context):
-            raise SpaceError(f"{spec.where('inputs', 'context')}: {problem}")
-        try:
-            blocks = read_blocks(unet, self.latent, self.context, self.batch)
-        except SpaceError as e:
-            raise SpaceError(f"{spec.where('base')}: {e}") from None
-        self.base_params = sum(p.numel() for p in unet.parameters())
+        key = blocks_key(self.unet_config, self.latent, self.context, self.batch)
+        if (cached := load_blocks(key)) is not None:  # read before: no torch needed
+            blocks, self.base_params = cached
+        else:
+            blocks, self.base_params = self._read_unet()
+            store_blocks(key, blocks, self.base_params)
         if not blocks:
             raise SpaceError(f"{spec.where('base')}: the base UNet has no ResNet or attention")
 
@@ -148,6 +143,22 @@ class SearchSpace:
             )
 
     # -- construction --------------------------------------------------------------------------
+
+    def _read_unet(self) -> tuple[list[BlockInfo], int]:
+        """The base UNet's blocks and parameter count, from a meta forward."""
+        spec = self.spec
+        try:
+            unet = build_unet(self.unet_config, device="meta")
+        except SpaceError as e:
+            raise SpaceError(f"{spec.where('base')}: {e}") from None
+        # before the UNet runs: a mismatch would surface as torch's matmul shape error
+        if problem := context_problem(unet.config, self.unet_config, self.context):
+            raise SpaceError(f"{spec.where('inputs', 'context')}: {problem}")
+        try:
+            blocks = read_blocks(unet, self.latent, self.context, self.batch)
+        except SpaceError as e:
+            raise SpaceError(f"{spec.where('base')}: {e}") from None
+        return blocks, sum(p.numel() for p in unet.parameters())
 
     def _assign_stages(self, blocks: list[BlockInfo]) -> dict[str, str]:
         spec = self.spec

@@ -11,13 +11,16 @@ import sys
 import textwrap
 from pathlib import Path
 
+from search_spaces import SearchSpace
+
 ROOT = Path(__file__).resolve().parent.parent
+BUILTIN = ROOT / "search_spaces" / "builtin"
 HEAVY = ("torch", "diffusers", "ray", "transformers", "open_clip")
 
 
-def loaded_after(code: str, cwd: Path) -> dict:
-    """Run `code` in a new interpreter; the heavy modules it left in sys.modules, and what
-    `code` stored in the variable `out`."""
+def loaded_after(code: str, cwd: Path, **env: str) -> dict:
+    """Run `code` in a new interpreter (with `env` added to a bare environment); the heavy
+    modules it left in sys.modules, and what `code` stored in the variable `out`."""
     script = textwrap.dedent(code) + textwrap.dedent(f"""
         import json, sys
         heavy = [m for m in {HEAVY!r} if m in sys.modules]
@@ -26,7 +29,7 @@ def loaded_after(code: str, cwd: Path) -> dict:
     run = subprocess.run(
         [sys.executable, "-c", script],
         cwd=cwd,
-        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "COLUMNS": "200"},
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "COLUMNS": "200", **env},
         capture_output=True,
         text=True,
         timeout=300,
@@ -63,6 +66,29 @@ def test_a_space_file_error_imports_no_heavy_module(tmp_path, write_yaml):
         """)
     got = loaded_after(cli(["space", "validate", str(bad)]), tmp_path)
     assert got == {"heavy": [], "out": 2}
+
+
+def test_space_show_reads_the_unet_once(tmp_path):
+    """The slots need a meta forward of the UNet (torch, diffusers) the first time only."""
+    cache = str(tmp_path / "cache")
+    show = cli(["space", "show", "tiny", "--slots"])
+    first = loaded_after(show, tmp_path, DIFFNAS_CACHE=cache)
+    assert first["out"] == 0 and "torch" in first["heavy"]
+    assert loaded_after(show, tmp_path, DIFFNAS_CACHE=cache) == {"heavy": [], "out": 0}
+    # another input shape is another set of slots: read again
+    other = (
+        "from search_spaces import load_space; out = load_space('tiny').with_inputs(batch=1).batch"
+    )
+    assert "torch" in loaded_after(other, tmp_path, DIFFNAS_CACHE=cache)["heavy"]
+
+
+def test_a_damaged_slot_cache_is_read_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIFFNAS_CACHE", str(tmp_path))
+    slots = list(SearchSpace.from_yaml(BUILTIN / "tiny.yaml").slots)  # not load_space's copy
+    (entry,) = (tmp_path / "space-blocks").iterdir()
+    entry.write_text('{"blocks": [{"path": 1}]')
+    assert list(SearchSpace.from_yaml(BUILTIN / "tiny.yaml").slots) == slots
+    assert json.loads(entry.read_text())["params"] > 0  # written again, whole
 
 
 def test_the_latency_service_starts_without_torch(tmp_path):
