@@ -137,8 +137,11 @@ class Agent:
         body = {"lease_id": job["lease_id"], "samples_ms": timing.samples, "versions": versions}
         try:
             reply = self._call("POST", f"/jobs/{job['id']}/result", body)
-        except ServiceError as e:  # e.g. a timer too coarse for a tiny block: 0 ms
-            self._fail(job, f"result refused: {e.detail}")
+        except ServiceError as e:
+            if e.status == 409:  # the lease was lost (expired): the job is back in the queue
+                self.say(f"job {job['id']}: result not stored: {e.detail}")
+                return
+            self._fail(job, f"result refused: {e.detail}")  # e.g. a timer too coarse: 0 ms
             return
         self.report.done += reply["stored"]
         note = "" if reply["stored"] else " (already stored by another agent)"
@@ -201,8 +204,8 @@ class _Heartbeat:
                 continue  # the next beat may get through before the lease ends
             except ServiceError as e:
                 self.agent.say(
-                    f"lease of job {self.job['id']} lost ({e.detail}); its result will still "
-                    "be posted and kept if no other agent's came first"
+                    f"lease of job {self.job['id']} lost ({e.detail}); the service will refuse "
+                    "its result, and the job is timed again under a new lease"
                 )
                 return
 

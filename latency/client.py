@@ -9,12 +9,14 @@ from __future__ import annotations
 import http.client
 import json
 import random
+import ssl
 import threading
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from search_spaces import UserError
@@ -32,15 +34,33 @@ class Unreachable(Exception):
     """No usable answer (connection refused or cut, timeout, 5xx, 429): try again later."""
 
 
+class CertificateError(UserError):
+    """The service's TLS certificate could not be verified: retrying will not help."""
+
+
 class Client:
-    def __init__(self, url: str, token: str | None = None, timeout: float = 30.0):
+    def __init__(
+        self,
+        url: str,
+        token: str | None = None,
+        timeout: float = 30.0,
+        ca: str | Path | None = None,
+    ):
+        """`ca`: a PEM file of the certificate(s) to trust for an https:// service (its own
+        self-signed certificate, or a private CA); default: the system's trusted CAs."""
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise UserError(f"server URL must look like http://HOST:PORT, not {url!r}")
         self.url, self.token, self.timeout = url.rstrip("/"), token, timeout
         # a proxy from the environment must not capture a server on this machine
         local = parts.hostname in ("127.0.0.1", "::1", "localhost")
-        handlers = [urllib.request.ProxyHandler({})] if local else []
+        handlers: list[urllib.request.BaseHandler] = []
+        if local:
+            handlers.append(urllib.request.ProxyHandler({}))
+        if ca is not None:
+            if parts.scheme != "https":
+                raise UserError(f"--ca is for an https:// service; {url!r} is plain http")
+            handlers.append(urllib.request.HTTPSHandler(context=_trusting(Path(ca))))
         self._opener = urllib.request.build_opener(*handlers)
 
     def request(self, method: str, path: str, body: Any = None) -> Any:
@@ -63,10 +83,26 @@ class Client:
             raise ServiceError(e.code, detail, method, path) from None
         except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
             reason = getattr(e, "reason", None) or e
+            if isinstance(reason, ssl.SSLCertVerificationError):
+                raise CertificateError(
+                    f"{self.url}: certificate verification failed ({reason.verify_message}); "
+                    "if the service's certificate is self-signed or from a private CA, pass it "
+                    "(PEM) with --ca FILE"
+                ) from None
             raise Unreachable(f"{self.url} is unreachable ({reason})") from None
         if kind == "application/json":
             return json.loads(raw) if raw else None
         return raw.decode()
+
+
+def _trusting(ca: Path) -> ssl.SSLContext:
+    """A client TLS context that trusts the certificates in the PEM file `ca`."""
+    if not ca.is_file():
+        raise UserError(f"--ca {str(ca)!r}: no such file (give the service's certificate, PEM)")
+    try:
+        return ssl.create_default_context(cafile=str(ca))
+    except (ssl.SSLError, ValueError) as e:
+        raise UserError(f"--ca {str(ca)!r}: not a PEM certificate file ({e})") from None
 
 
 def _detail(raw: bytes) -> str:

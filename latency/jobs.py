@@ -438,25 +438,42 @@ class JobStore:
             return self._job(db, job_id)
 
     def complete(
-        self, job_id: int, timing: Timing, scope: str | None, agent: str | None = None
+        self,
+        job_id: int,
+        timing: Timing,
+        scope: str | None,
+        lease_id: str,
+        agent: str | None = None,
     ) -> tuple[Job, bool]:
-        """Store a job's result. Idempotent: if the job is done already, nothing is stored
-        and `(job, False)` comes back. A result is taken whoever held the lease: it is a
-        valid measurement of the job's block on the job's device either way."""
-        stored = self.complete_many([(job_id, timing)], scope, agent)
+        """Store the result of a leased job, made under its current lease `lease_id`.
+
+        Idempotent: if the job is done already, nothing is stored and `(job, False)` comes
+        back (a retry after a lost answer). Otherwise the lease must be the one the job is
+        held under now: a made-up or stale lease (expired, or the job leased again since)
+        raises Conflict and changes nothing, so it cannot end another agent's lease."""
+        stored = self.complete_many([(job_id, timing)], scope, agent, lease_id=lease_id)
         return self.job(job_id), bool(stored)
 
     def complete_many(
-        self, results: list[tuple[int, Timing]], scope: str | None, agent: str | None = None
+        self,
+        results: list[tuple[int, Timing]],
+        scope: str | None,
+        agent: str | None = None,
+        lease_id: str | None = None,
     ) -> list[int]:
         """Store several results at once, all or nothing; jobs already done are skipped.
-        Returns the ids of the jobs whose results were stored."""
+        Returns the ids of the jobs whose results were stored.
+
+        `lease_id`: every job not done yet must be held under this lease (results posted by
+        an agent); None for jobs run without a lease (bundles run on phones)."""
         with self._lock:
             todo, measurements = [], []
             for job_id, timing in results:
                 job = self._scoped(self._db, job_id, scope)
                 if job.state == "done":
                     continue
+                if lease_id is not None:
+                    self._check_lease(job, lease_id)
                 d = self.device(job.device)
                 versions = {**timing.versions, "job": job.id}
                 if agent or job.leased_by:
@@ -479,22 +496,26 @@ class JobStore:
                 return []
             now = self.clock()
 
+            # with a lease, the job must still be held under it when it is marked done
+            held = "" if lease_id is None else " AND state='leased' AND lease_id=?"
+
             def mark_done(db: sqlite3.Connection, ids: list[int]) -> None:
                 for job_id, row_id in zip(todo, ids, strict=True):
                     cur = db.execute(
                         "UPDATE jobs SET state='done', measurement_id=?, lease_id=NULL,"
-                        " lease_expires=NULL, error=NULL, updated=? WHERE id=? AND state!='done'",
-                        (row_id, now, job_id),
+                        " lease_expires=NULL, error=NULL, updated=? WHERE id=? AND state!='done'"
+                        + held,
+                        (row_id, now, job_id) + (() if lease_id is None else (lease_id,)),
                     )
-                    if cur.rowcount != 1:  # another process finished it meanwhile
+                    if cur.rowcount != 1:  # another process finished or leased it meanwhile
                         raise _AlreadyDone
 
             try:
                 self.table.add_atomic(measurements, mark_done)
             except _AlreadyDone:
                 raise Conflict(
-                    "a job was finished by another process meanwhile; nothing was stored, "
-                    "send the results again (jobs done by then are skipped)"
+                    "a job was finished or leased again by another process meanwhile; nothing "
+                    "was stored, send the results again (jobs done by then are skipped)"
                 ) from None
             return todo
 
@@ -556,13 +577,21 @@ class JobStore:
 
     def _held(self, db: sqlite3.Connection, job_id: int, lease_id: str, scope: str | None) -> Job:
         job = self._scoped(db, job_id, scope)
-        if job.state != "leased" or not secrets.compare_digest(job.lease_id or "", lease_id):
+        self._check_lease(job, lease_id)
+        return job
+
+    def _check_lease(self, job: Job, lease_id: str) -> None:
+        """Conflict unless `job` is leased under `lease_id` and the lease has not expired
+        (expired leases are swept at the next write; until then they count as gone)."""
+        held = job.state == "leased" and secrets.compare_digest(job.lease_id or "", lease_id)
+        if held and job.lease_expires is not None and job.lease_expires <= self.clock():
+            raise Conflict(f"job {job.id}: this lease expired; lease a new job")
+        if not held:
             raise Conflict(
-                f"job {job_id} is not held under this lease (it is {job.state}"
-                + (", leased again after the lease expired" if job.state == "leased" else "")
+                f"job {job.id} is not held under this lease (it is {job.state}"
+                + (", under another lease" if job.state == "leased" else "")
                 + "); lease a new job"
             )
-        return job
 
     def _attempt_failed(self, db: sqlite3.Connection, job_id: int, error: str, count: bool) -> None:
         """After a failed attempt (`count`: one not counted at lease time, as for bundles)."""

@@ -7,6 +7,7 @@ arithmetic alone, as the evolution loop needs for every action of every iteratio
 from __future__ import annotations
 
 import copy
+import shlex
 from dataclasses import dataclass
 
 from search_spaces import Architecture, SearchSpace, UserError
@@ -30,14 +31,33 @@ class Prediction:
 
 
 class MissingSignaturesError(UserError):
-    def __init__(self, missing: list[BlockSignature], space: str, device: str, db: str):
+    def __init__(
+        self,
+        missing: list[BlockSignature],
+        space: str,
+        device: str,
+        db: str,
+        ref: str | None = None,
+        setting: dict | None = None,
+    ):
+        """`ref`: how `latency build` finds the space (its name, or its YAML file's path);
+        `setting`: the table's backend, compute unit and precision for the device."""
         self.missing = missing
         listed = "\n  ".join(f"{s.hash}  {s.describe()}" for s in missing[:20])
         more = f"\n  ... and {len(missing) - 20} more" if len(missing) > 20 else ""
+        command = ["diffnas", "latency", "build", ref or space, "--device", device, "--db", db]
+        setting = setting or {}
+        # the build command's defaults are torch / cpu / fp32: name whatever differs
+        for option, key, default in [
+            ("--backend", "backend", "torch"),
+            ("--compute-unit", "compute_unit", "cpu"),
+            ("--precision", "precision", "fp32"),
+        ]:
+            if setting.get(key, default) != default:
+                command += [option, setting[key]]
         super().__init__(
             f"the table {db} lacks {len(missing)} block(s) of space {space!r} on device "
-            f"{device!r}:\n  {listed}{more}\nmeasure them with: diffnas latency build {space} "
-            f"--device {device} --db {db}"
+            f"{device!r}:\n  {listed}{more}\nmeasure them with: {shlex.join(command)}"
         )
 
 
@@ -64,7 +84,9 @@ class Predictor:
         )
         missing = [s for s in dict.fromkeys(p.signature for p in self.parts) if s.hash not in found]
         if missing:
-            raise MissingSignaturesError(missing, space.name, device, str(table.path))
+            raise MissingSignaturesError(
+                missing, space.name, device, str(table.path), space.ref, self.setting
+            )
         self.ms = {p.name: found[p.signature.hash].median_ms for p in self.parts}
         self.fixed_ms = sum(self.ms[p.name] for p in self.parts if p.stage == "fixed")
         self.calibration = (

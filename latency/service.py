@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 
 from search_spaces import Architecture, SearchSpace, UserError, list_spaces, load_space
 
+from .api_docs import DOCS_ASSETS, add_docs
 from .auth import hash_token
 from .backends import Timing
 from .jobs import Conflict, Forbidden, JobStore, NotFound, Principal
@@ -42,7 +43,7 @@ from .table import DEVICE_NAME, LatencyTable
 
 MAX_BODY = 1 << 20  # 1 MiB: a queue of a few hundred signatures; raise it with --max-body
 # needing no token: liveness and the API's own description
-PUBLIC_PATHS = {"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
+PUBLIC_PATHS = {"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect"}
 
 # -- request bodies ---------------------------------------------------------------------------
 
@@ -102,7 +103,7 @@ class FailIn(Body):
 
 
 class ResultIn(Body):
-    lease_id: LeaseId | None = Field(None, description="the lease this result was made under")
+    lease_id: LeaseId = Field(description="the lease the job is held under (from /jobs/lease)")
     samples_ms: list[Latency] = Field(min_length=1, max_length=100_000)
     versions: dict[Annotated[str, StringConstraints(max_length=100)], Scalar] = Field(
         default_factory=dict, max_length=64
@@ -151,7 +152,7 @@ class Gate:
             principal = self.identify(token.strip())
             if principal is None:
                 return await _reply(send, 401, "unknown or revoked token")
-        elif path not in PUBLIC_PATHS and not (self.public_read and _is_read(method, path)):
+        elif not _is_public(path) and not (self.public_read and _is_read(method, path)):
             return await _reply(
                 send, 401, "this needs a token: send the header 'Authorization: Bearer TOKEN'"
             )
@@ -169,6 +170,13 @@ class Gate:
             more = message.get("more_body", False)
             if len(body) > self.cap:
                 return await _reply(send, 413, f"request body over the {self.cap}-byte cap")
+        # Bodies are JSON, which travels as UTF-8 (RFC 8259, 8.1). Checked here because the
+        # framework's own parser reports other encodings as a generic 400, not as malformed.
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError as e:
+            invalid = [{"loc": ["body", e.start], "msg": "not UTF-8 text", "type": "json_invalid"}]
+            return await _reply(send, 422, invalid)
         replayed = False
 
         async def replay():
@@ -181,11 +189,15 @@ class Gate:
         await self.app(scope, replay, send)
 
 
+def _is_public(path: str) -> bool:
+    return path in PUBLIC_PATHS or path.startswith(DOCS_ASSETS + "/")
+
+
 def _is_read(method: str, path: str) -> bool:
     return method in ("GET", "HEAD") or (method == "POST" and path == "/predict")
 
 
-async def _reply(send, status: int, detail: str) -> None:
+async def _reply(send, status: int, detail: str | list[dict]) -> None:
     body = json.dumps({"detail": detail}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
     if status == 401:
@@ -288,7 +300,10 @@ def create_app(
         version="1",
         description="Devices, profiling jobs and latency tables. See docs/latency-service.md.",
         lifespan=lifespan,
+        docs_url=None,  # served by add_docs, from local files
+        redoc_url=None,  # ReDoc has no packaged copy: it would load from a CDN
     )
+    add_docs(app)
     app.state.store = store
     app.add_middleware(Gate, identify=identify, public_read=public_read, cap=max_body)
 
@@ -403,7 +418,7 @@ def create_app(
         timing = Timing(body.samples_ms, dict(body.versions))
         if not math.isfinite(timing.median_ms + timing.iqr_ms):  # sums of huge finite values
             raise UserError("latencies must be finite numbers of milliseconds")
-        job, stored = store.complete(job_id, timing, p.scope)
+        job, stored = store.complete(job_id, timing, p.scope, body.lease_id)
         if not stored:
             response.status_code = 200  # the same result again, or a late one: nothing added
         return {"stored": stored, "job": job.to_dict()}

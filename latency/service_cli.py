@@ -106,6 +106,12 @@ def agent_cmd(
         "--give-up-after",
         help="Stop after this many seconds of failed retries (default: keep trying).",
     ),
+    ca: Path = typer.Option(
+        None,
+        "--ca",
+        help="PEM certificate(s) to trust for an https:// service, e.g. its self-signed "
+        "--ssl-certfile (default: the system's CAs).",
+    ),
 ) -> None:
     """Lease profiling jobs of DEVICE, time them here, post the results; until stopped."""
     from .agent import Agent, install_signal_handlers
@@ -139,7 +145,7 @@ def agent_cmd(
         )
 
     agent = Agent(
-        Client(server, token),
+        Client(server, token, ca=ca),
         device,
         make_backend,
         name=name,

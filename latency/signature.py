@@ -14,20 +14,19 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from diffusers.models.downsampling import Downsample2D
-from diffusers.models.embeddings import TimestepEmbedding, Timesteps
-from diffusers.models.resnet import ResnetBlock2D
-from diffusers.models.transformers.transformer_2d import Transformer2DModel
-from diffusers.models.upsampling import Upsample2D
-from torch import nn
+from search_spaces import UserError
 
-from search_spaces import SearchSpace, UserError
-from search_spaces.unet import build_unet
+if TYPE_CHECKING:  # torch and diffusers load in seconds: only code that runs blocks imports them
+    import torch
+    from diffusers.models.resnet import ResnetBlock2D
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+    from torch import nn
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    from search_spaces import SearchSpace
+
+DTYPE_NAMES = ("fp32", "fp16", "bf16")
 SEARCHABLE = ("resnet", "cross_attention")
 FIXED = ("conv_in", "time_embedding", "downsample", "upsample", "concat", "conv_out")
 
@@ -45,8 +44,8 @@ class BlockSignature:
     def make(cls, kind: str, init: dict, inputs: dict, dtype: str = "fp32") -> BlockSignature:
         if kind not in SEARCHABLE + FIXED:
             raise UserError(f"unknown block kind {kind!r}; known: {', '.join(SEARCHABLE + FIXED)}")
-        if dtype not in DTYPES:
-            raise UserError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPES)}")
+        if dtype not in DTYPE_NAMES:
+            raise UserError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPE_NAMES)}")
         return cls(
             kind,
             tuple(sorted((k, _freeze(v)) for k, v in init.items())),
@@ -104,19 +103,32 @@ class BlockSignature:
 
     def build(self, device: str | torch.device = "cpu") -> nn.Module:
         """The block with random weights, in eval mode, on `device`, in this dtype."""
+        import torch
+
+        from .blocks import BUILDERS
+
         with torch.device(device):
-            module = _BUILDERS[self.kind](dict(self.init))
-        return module.to(dtype=DTYPES[self.dtype]).eval()
+            module = BUILDERS[self.kind](dict(self.init))
+        return module.to(dtype=torch_dtype(self.dtype)).eval()
 
     def example_inputs(self, device: str | torch.device = "cpu", seed: int = 0) -> tuple:
+        import torch
+
         g = torch.Generator().manual_seed(seed)
         out = []
         for name, shape in self.inputs:
             if name == "timestep":
                 out.append(torch.randint(0, 1000, shape, generator=g).to(device))
             else:
-                out.append(torch.randn(shape, generator=g).to(device, DTYPES[self.dtype]))
+                out.append(torch.randn(shape, generator=g).to(device, torch_dtype(self.dtype)))
         return tuple(out)
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a signature's dtype name (fp32, fp16, bf16)."""
+    import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
 def _freeze(v):
@@ -125,81 +137,6 @@ def _freeze(v):
 
 def _thaw(v):
     return [_thaw(x) for x in v] if isinstance(v, tuple) else v
-
-
-# -- builders: signature -> module whose forward takes the signature's inputs in order -------
-
-
-class _Concat(nn.Module):
-    def forward(self, hidden, skip):
-        return torch.cat([hidden, skip], dim=1)
-
-
-# Each builder's forward takes the signature's input names, in order: Core ML packages take
-# their input names from these arguments, and device apps feed inputs by those names.
-
-
-class _Resnet(nn.Module):
-    def __init__(self, **init):
-        super().__init__()
-        self.block = ResnetBlock2D(**init)
-
-    def forward(self, hidden_states, temb):
-        return self.block(hidden_states, temb)
-
-
-class _ConvIn(nn.Conv2d):
-    def forward(self, sample):
-        return super().forward(sample)
-
-
-class _ConvOut(nn.Sequential):
-    def __init__(self, channels: int, out_channels: int, groups: int, eps: float):
-        super().__init__(
-            nn.GroupNorm(groups, channels, eps=eps),
-            nn.SiLU(),
-            nn.Conv2d(channels, out_channels, 3, padding=1),
-        )
-
-    def forward(self, hidden_states):
-        return super().forward(hidden_states)
-
-
-class _TimeEmbedding(nn.Module):
-    def __init__(self, num_channels, flip_sin_to_cos, downscale_freq_shift, time_embed_dim, act_fn):
-        super().__init__()
-        self.proj = Timesteps(num_channels, flip_sin_to_cos, downscale_freq_shift)
-        self.embedding = TimestepEmbedding(num_channels, time_embed_dim, act_fn=act_fn)
-
-    def forward(self, timestep):
-        return self.embedding(self.proj(timestep))
-
-
-class _Attention(nn.Module):
-    """Transformer2DModel called the way the UNet calls it."""
-
-    def __init__(self, **config):
-        super().__init__()
-        self.block = Transformer2DModel(**config)
-
-    def forward(self, hidden_states, encoder_hidden_states):
-        return self.block(
-            hidden_states, encoder_hidden_states=encoder_hidden_states, return_dict=False
-        )[0]
-
-
-_BUILDERS = {
-    "resnet": lambda a: _Resnet(**a),
-    "cross_attention": lambda a: _Attention(**a),
-    "conv_in": lambda a: _ConvIn(
-        a["in_channels"], a["out_channels"], a["kernel_size"], padding=a["padding"]
-    ),
-    "time_embedding": lambda a: _TimeEmbedding(**a),
-    "downsample": lambda a: Downsample2D(**a),
-    "upsample": lambda a: Upsample2D(**a),
-    "concat": lambda a: _Concat(),
-    "conv_out": lambda a: _ConvOut(**a),
-}
 
 
 # -- reading signatures off a UNet -----------------------------------------------------------
@@ -259,6 +196,10 @@ _PARTS: dict[str, list[Part]] = {}
 
 
 def _read_parts(space: SearchSpace, dtype: str) -> list[Part]:
+    import torch
+
+    from search_spaces.unet import build_unet
+
     unet = build_unet(space.unet_config, device="meta")
     shapes: dict[str, list[tuple[int, ...]]] = {}
     handles = []

@@ -31,7 +31,7 @@ from search_spaces import UserError
 
 from .backends import Timing
 from .jobs import in_call_order
-from .signature import DTYPES, BlockSignature
+from .signature import BlockSignature, torch_dtype
 from .table import LatencyTable, Measurement, check_device_name
 
 LAMBDAS = (0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
@@ -48,7 +48,7 @@ def block_cost(sig: BlockSignature) -> tuple[float, float]:
     inputs = tuple(x.to("meta") for x in sig.example_inputs())
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         out = module(*inputs)
-    item = torch.empty((), dtype=DTYPES[sig.dtype]).element_size()
+    item = torch.empty((), dtype=torch_dtype(sig.dtype)).element_size()
     moved = sum(p.numel() for p in module.parameters()) * item
     moved += sum(x.numel() * x.element_size() for x in inputs) + out.numel() * item
     return float(counter.get_total_flops()), float(moved)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from latency.backends.torch_backend import TorchBackend
-from latency.signature import DTYPES
+from latency.signature import torch_dtype
 from search_spaces import Architecture, SearchSpace, UserError
 
 from .supernet import ElasticUNet
@@ -22,7 +22,7 @@ class NetworkTimer:
             )
         backend.test_connection()
         self.backend = backend
-        device, dtype = backend.compute_unit, DTYPES[backend.precision]
+        device, dtype = backend.compute_unit, torch_dtype(backend.precision)
         torch.manual_seed(seed)
         self.model = ElasticUNet(space).to(device, dtype).eval()
         g = torch.Generator().manual_seed(seed)

@@ -39,7 +39,9 @@ def _plugins() -> dict[str, metadata.EntryPoint]:
 
 @lru_cache(maxsize=16)
 def _builtin(name: str) -> SearchSpace:
-    return SearchSpace.from_yaml(_builtin_files()[name])
+    space = SearchSpace.from_yaml(_builtin_files()[name])
+    space.ref = name
+    return space
 
 
 def _from_plugin(ep: metadata.EntryPoint) -> SearchSpace:
@@ -56,6 +58,7 @@ def _from_plugin(ep: metadata.EntryPoint) -> SearchSpace:
             f"plug-in space {ep.name!r} ({ep.value}) gave a {type(obj).__name__}; it must give a "
             "SearchSpace, a function returning one, or the path of a space YAML file"
         )
+    obj.ref = ep.name
     return obj
 
 

@@ -15,9 +15,18 @@ from pathlib import Path
 from typing import Any
 
 from .architecture import Action, Architecture
+from .block_cache import blocks_key, load_blocks, store_blocks
 from .errors import ArchitectureError, SpaceError
 from .spec import SpaceSpec, read_spec
-from .unet import BlockInfo, build_unet, builtin_unet_config, pretrained_unet_config, read_blocks
+from .unet import (
+    BlockInfo,
+    build_unet,
+    builtin_unet_config,
+    context_problem,
+    file_unet_config,
+    pretrained_unet_config,
+    read_blocks,
+)
 
 
 @dataclass(frozen=True)
@@ -60,23 +69,47 @@ def copy_blocker(block: BlockInfo) -> str | None:
     return None
 
 
+def _resolve(path: str, base_dir: Path | None) -> Path:
+    """A path from a space file: `~` expanded, relative to the file's folder."""
+    resolved = Path(path).expanduser()
+    if not resolved.is_absolute() and base_dir is not None:
+        resolved = base_dir / resolved
+    return resolved
+
+
+def _unmatched_hint(pattern: str, blocks: list[BlockInfo]) -> str:
+    """What to tell the author of a stage or rule pattern that matches no slot."""
+    if pattern.startswith("mid_block") and not any(b.path.startswith("mid_block.") for b in blocks):
+        # e.g. the sd15 stage map copied onto BK-SDM, which drops the mid block
+        return "the base UNet has no mid block (its config's mid_block_type is null): drop it"
+    return f"slot paths look like {blocks[0].path!r}"
+
+
 class SearchSpace:
     def __init__(self, spec: SpaceSpec, base_dir: Path | None = None):
         self.spec = spec
         self.name = spec.name
         self.description = spec.description
+        # how `load_space` finds this space again (a name, or the YAML file's path), for
+        # commands printed in messages; `load_space` and `from_yaml` set it
+        self.ref = spec.name
         self.pretrained: Path | None = None
+        self.config_file: Path | None = None
         if spec.base.builtin is not None:
             try:
                 self.unet_config = builtin_unet_config(spec.base.builtin)
             except SpaceError as e:
                 raise SpaceError(f"{spec.where('base', 'builtin')}: {e}") from None
-        elif spec.base.config is not None:
+        elif isinstance(spec.base.config, dict):
             self.unet_config = dict(spec.base.config)
+        elif spec.base.config is not None:  # the path of a config JSON file
+            self.config_file = _resolve(spec.base.config, base_dir)
+            try:
+                self.unet_config = file_unet_config(self.config_file)
+            except SpaceError as e:
+                raise SpaceError(f"{spec.where('base', 'config')}: {e}") from None
         else:
-            self.pretrained = Path(spec.base.pretrained).expanduser()
-            if not self.pretrained.is_absolute() and base_dir is not None:
-                self.pretrained = base_dir / self.pretrained
+            self.pretrained = _resolve(spec.base.pretrained, base_dir)
             try:
                 self.unet_config = pretrained_unet_config(self.pretrained)
             except SpaceError as e:
@@ -85,12 +118,12 @@ class SearchSpace:
         self.context = tuple(spec.inputs.context)
         self.batch = spec.inputs.batch
 
-        try:
-            unet = build_unet(self.unet_config, device="meta")
-            blocks = read_blocks(unet, self.latent, self.context, self.batch)
-        except SpaceError as e:
-            raise SpaceError(f"{spec.where('base')}: {e}") from None
-        self.base_params = sum(p.numel() for p in unet.parameters())
+        key = blocks_key(self.unet_config, self.latent, self.context, self.batch)
+        if (cached := load_blocks(key)) is not None:  # read before: no torch needed
+            blocks, self.base_params = cached
+        else:
+            blocks, self.base_params = self._read_unet()
+            store_blocks(key, blocks, self.base_params)
         if not blocks:
             raise SpaceError(f"{spec.where('base')}: the base UNet has no ResNet or attention")
 
@@ -111,6 +144,22 @@ class SearchSpace:
 
     # -- construction --------------------------------------------------------------------------
 
+    def _read_unet(self) -> tuple[list[BlockInfo], int]:
+        """The base UNet's blocks and parameter count, from a meta forward."""
+        spec = self.spec
+        try:
+            unet = build_unet(self.unet_config, device="meta")
+        except SpaceError as e:
+            raise SpaceError(f"{spec.where('base')}: {e}") from None
+        # before the UNet runs: a mismatch would surface as torch's matmul shape error
+        if problem := context_problem(unet.config, self.unet_config, self.context):
+            raise SpaceError(f"{spec.where('inputs', 'context')}: {problem}")
+        try:
+            blocks = read_blocks(unet, self.latent, self.context, self.batch)
+        except SpaceError as e:
+            raise SpaceError(f"{spec.where('base')}: {e}") from None
+        return blocks, sum(p.numel() for p in unet.parameters())
+
     def _assign_stages(self, blocks: list[BlockInfo]) -> dict[str, str]:
         spec = self.spec
         if spec.stages is None:  # one stage per UNet block: "down_blocks.0", "mid_block", ...
@@ -122,7 +171,7 @@ class SearchSpace:
                 if not matched:
                     raise SpaceError(
                         f"{spec.where('stages', stage, i)}: stages.{stage}: pattern {pattern!r} "
-                        f"matches no slot; slot paths look like {blocks[0].path!r}"
+                        f"matches no slot; {_unmatched_hint(pattern, blocks)}"
                     )
                 for path in matched:
                     if stage_of.get(path, stage) != stage:
@@ -151,7 +200,7 @@ class SearchSpace:
                 kind = f" of kind {rule.kind}" if rule.kind else ""
                 raise SpaceError(
                     f"{where}: rules[{i}]: pattern {rule.match!r} matches no slot{kind}; "
-                    f"slot paths look like {blocks[0].path!r}"
+                    f"{_unmatched_hint(rule.match, blocks)}"
                 )
             for b in matched:
                 if rule.removable:
@@ -308,18 +357,27 @@ class SearchSpace:
             }
         )
         spec = self.spec.model_copy(update={"inputs": inputs})
-        if self.pretrained is not None:  # resolved already: keep the absolute folder
+        # paths resolved already (from the YAML file's folder): keep them absolute
+        if self.pretrained is not None:
             spec = spec.model_copy(
                 update={"base": spec.base.model_copy(update={"pretrained": str(self.pretrained)})}
             )
-        return SearchSpace(spec)
+        if self.config_file is not None:
+            spec = spec.model_copy(
+                update={"base": spec.base.model_copy(update={"config": str(self.config_file)})}
+            )
+        space = SearchSpace(spec)
+        space.ref = self.ref
+        return space
 
     # -- loading ---------------------------------------------------------------------------
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> SearchSpace:
         path = Path(path)
-        return cls(read_spec(path), base_dir=path.parent)
+        space = cls(read_spec(path), base_dir=path.parent)
+        space.ref = str(path)
+        return space
 
     def describe(self) -> dict[str, Any]:
         return {

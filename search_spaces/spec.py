@@ -10,7 +10,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .errors import SpaceError
 
@@ -25,8 +33,20 @@ class BaseSpec(_Strict):
     """Where the base UNet comes from: exactly one of the three."""
 
     builtin: str | None = None  # a built-in UNet config: sd15, sd21, tiny
-    config: dict[str, Any] | None = None  # an inline diffusers UNet2DConditionModel config
+    # a diffusers UNet2DConditionModel config: inline, or the path of its JSON file
+    config: dict[str, Any] | str | None = None
     pretrained: str | None = None  # a local diffusers pipeline folder holding unet/config.json
+
+    @field_validator("config", mode="before")
+    @classmethod
+    def _mapping_or_path(cls, value):
+        # one message for both forms, instead of one per member of the union
+        if value is not None and not isinstance(value, dict | str):
+            raise ValueError(
+                "give the UNet config as a mapping, or the path of its JSON file "
+                "(e.g. config: my_unet.json)"
+            )
+        return value
 
     @model_validator(mode="after")
     def _exactly_one(self):

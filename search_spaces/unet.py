@@ -8,21 +8,17 @@ spatial sizes and execution order of every block are those diffusers itself prod
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
-
-import torch
-from diffusers import UNet2DConditionModel
-from diffusers.models.attention_processor import Attention
-from diffusers.models.resnet import ResnetBlock2D
-from diffusers.models.transformers.transformer_2d import Transformer2DModel
+from typing import TYPE_CHECKING, Any
 
 from .errors import SpaceError
 
-# The block classes a slot may hold, by the kind name used in space files.
-BLOCK_KINDS = {"resnet": ResnetBlock2D, "cross_attention": Transformer2DModel}
+if TYPE_CHECKING:  # torch and diffusers take seconds to import: only building a UNet needs them
+    import torch
+    from diffusers import UNet2DConditionModel
 
 
 def builtin_unet_names() -> list[str]:
@@ -42,6 +38,12 @@ def builtin_unet_config(name: str) -> dict[str, Any]:
 def pretrained_unet_config(folder: str | Path) -> dict[str, Any]:
     """The UNet config of a local diffusers pipeline folder (`<folder>/unet/config.json`)."""
     folder = Path(folder).expanduser()
+    if folder.is_file():
+        raise SpaceError(
+            f"pretrained {str(folder)!r} is a file, but must be a folder: the root of a diffusers "
+            f"pipeline (the one that holds unet/config.json); for a UNet config file, write "
+            f"`config: {folder.name}` instead"
+        )
     if not folder.is_dir():
         raise SpaceError(f"pretrained folder {str(folder)!r} does not exist")
     config = folder / "unet" / "config.json"
@@ -50,14 +52,67 @@ def pretrained_unet_config(folder: str | Path) -> dict[str, Any]:
             f"pretrained folder {str(folder)!r} has no unet/config.json: "
             "give the root of a diffusers pipeline folder (the one that holds unet/)"
         )
+    return _read_json_config(config)
+
+
+def file_unet_config(path: str | Path) -> dict[str, Any]:
+    """A UNet config from its JSON file (as diffusers writes `unet/config.json`)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        hint = (
+            f"`pretrained: {path}` reads a diffusers pipeline folder"
+            if (path / "unet" / "config.json").is_file()
+            else f"give the JSON file, e.g. {path / 'config.json'}"
+        )
+        raise SpaceError(f"config {str(path)!r} is a folder, not a UNet config file; {hint}")
+    if not path.is_file():
+        raise SpaceError(f"config file {str(path)!r} does not exist")
+    config = _read_json_config(path)
+    if not isinstance(config, dict):
+        raise SpaceError(f"{path}: a UNet config file holds a JSON object ({{...}})")
+    return config
+
+
+def _read_json_config(path: Path) -> Any:
     try:
-        return json.loads(config.read_text())
+        return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise SpaceError(f"{config}:{e.lineno}: not valid JSON: {e.msg}") from None
+        raise SpaceError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
+
+
+def context_problem(
+    config: Mapping[str, Any], written: Mapping[str, Any], context: tuple[int, int]
+) -> str | None:
+    """Why text context of shape `context` (tokens, width) cannot feed this UNet, or None.
+
+    `config` is the built UNet's (diffusers' defaults filled in), `written` the config as
+    given, to tell the user when a width comes from a default they never wrote."""
+    kinds = [*config["down_block_types"], *config["up_block_types"], config["mid_block_type"]]
+    if not any("CrossAttn" in (k or "") for k in kinds):
+        return None  # no cross-attention: the context is not used
+    if config.get("encoder_hid_dim") is not None:
+        if config.get("encoder_hid_dim_type") not in (None, "text_proj"):
+            return None  # image projections: diffusers checks those itself
+        key = "encoder_hid_dim"  # a projection to cross_attention_dim comes first
+    else:
+        key = "cross_attention_dim"
+    expected = config[key]
+    widths = set(expected) if isinstance(expected, list | tuple) else {expected}
+    if widths == {context[1]}:
+        return None
+    said = "" if key in written else ", diffusers' default: the config does not set it"
+    return (
+        f"inputs.context {list(context)} is {context[1]} wide, but the base UNet's "
+        f"cross-attention takes {key} {expected}{said}; set `{key}: {context[1]}` in the "
+        f"UNet config, or the context to [{context[0]}, {expected}]"
+    )
 
 
 def build_unet(config: dict[str, Any], device: str | torch.device = "cpu") -> UNet2DConditionModel:
     """A `UNet2DConditionModel` from a config; on "meta" it has shapes and no weights."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
     try:
         with torch.device(device):
             return UNet2DConditionModel.from_config(config)
@@ -87,6 +142,11 @@ def read_blocks(
     unet: UNet2DConditionModel, latent: tuple[int, int, int], context: tuple[int, int], batch: int
 ) -> list[BlockInfo]:
     """Every ResNet and Transformer2D block of the down, mid and up blocks, in execution order."""
+    import torch
+    from diffusers.models.attention_processor import Attention
+    from diffusers.models.resnet import ResnetBlock2D
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
     seen: dict[str, tuple[int, ...]] = {}
     skips: dict[str, int] = {}
     handles = []

@@ -3,12 +3,15 @@ failing blocks, and the command line's checks."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import threading
 import time
 from collections import Counter
 
 import pytest
 from test_service_support import (
+    Clock,
     ThreadServer,
     cache_unet_parts,
     free_port,
@@ -183,3 +186,76 @@ def test_agent_command_line_checks(server, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("DIFFNAS_TOKEN", phone)
     assert "Core ML timing needs macOS" in run("--device", "phone")
     assert server.store.counts("cpu-test")["leased"] == 0  # nothing was taken
+
+
+def test_a_result_after_the_lease_expired_is_timed_again(tmp_path):
+    """The service refuses a result made under an expired lease (the job may be another
+    agent's by then); the agent says so, does not count it as failed, and goes on."""
+    clock = Clock()
+    server = ThreadServer(tmp_path / "t.db", clock=clock, lease_seconds=60)
+
+    class Slow(Counting):
+        def profile(self, sig):
+            if not self.calls:  # the first block outlives its lease
+                clock.advance(61)
+            return super().profile(sig)
+
+    try:
+        token = register(server, sigs=tiny_signatures()[:2])
+        calls, lines = Counter(), []
+        agent = make_agent(server.url, token, calls, lines)
+        agent.make_backend = lambda info: Slow(info, calls)
+        report = agent.run()
+        assert any("result not stored" in line and "expired" in line for line in lines), lines
+        assert report.done == 2 and report.failed == 0
+        assert sum(calls.values()) == 3  # the first block twice
+        assert len(server.store.table.rows()) == 2
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def self_signed(tmp_path) -> tuple:
+    """A self-signed certificate for 127.0.0.1 and its key, as `serve --ssl-certfile` takes."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+        + ["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"]
+        + ["-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+def test_agent_with_a_self_signed_service(tmp_path, self_signed, capsys, monkeypatch):
+    cert, key = self_signed
+    server = ThreadServer(tmp_path / "t.db", tls=self_signed)
+    try:
+        server.store.add_device("cpu-test", "test-cpu", "torch")
+        server.store.enqueue("cpu-test", tiny_blocks()[:2])
+        monkeypatch.setenv("DIFFNAS_TOKEN", server.store.issue_token("agent", "cpu-test")[1])
+        base = ["latency", "agent", "--server", server.url, "--device", "cpu-test"]
+        base += ["--exit-when-empty", "--repeats", "1", "--warmup", "0", "--threads", "1"]
+
+        def run(*args) -> tuple[int, str]:
+            with pytest.raises(SystemExit) as e:
+                main([*base, *args])
+            out = capsys.readouterr()
+            return e.value.code, " ".join((out.out + out.err).split())
+
+        # without --ca: one clear error, no retries (a retry would say "retrying")
+        code, out = run("--give-up-after", "1")
+        assert code == 2 and "certificate verification failed" in out and "--ca FILE" in out
+        assert "retrying" not in out
+        assert run("--ca", str(tmp_path / "nope.pem"))[0] == 2
+        code, out = run("--ca", str(key))  # a key is not a certificate
+        assert code == 2 and "not a PEM certificate" in out
+
+        code, out = run("--ca", str(cert))
+        assert code in (0, None) and "2 result(s) stored" in out, out
+        assert len(server.store.table.rows()) == 2
+    finally:
+        server.stop()

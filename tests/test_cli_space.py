@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -15,6 +16,7 @@ import pytest
 from nas.cli import main
 from search_spaces import Architecture, SearchSpace, SpaceError, list_spaces, load_space
 from search_spaces import cli as space_cli
+from search_spaces.unet import builtin_unet_config
 
 ROOT = Path(__file__).resolve().parent.parent
 SNAPFUSION_ARCH = ROOT / "experiments" / "snapfusion_sd15.arch.json"
@@ -183,6 +185,23 @@ def test_user_error_message_is_one_line(capsys, tmp_path):
     assert cli(["space", "show", "tiny", "--arch", str(missing)]) == 2
     err = capsys.readouterr().err
     assert err == f"error: architecture file '{missing}' does not exist\n"
+
+
+@pytest.mark.parametrize(
+    ("base", "expected"),
+    [
+        ("config: my_unet.json", "config file '{tmp}/my_unet.json' does not exist"),
+        ("pretrained: cfg.json", "'{tmp}/cfg.json' is a file, but must be a folder"),
+        ("config: cfg.json", "takes cross_attention_dim 1280, diffusers' default"),
+    ],
+)
+def test_own_unet_config_errors_exit_2(capsys, tmp_path, write_yaml, base, expected):
+    config = {k: v for k, v in builtin_unet_config("tiny").items() if k != "cross_attention_dim"}
+    (tmp_path / "cfg.json").write_text(json.dumps(config))
+    text = TINY_SPACE.format(name="t", description="x").replace("builtin: tiny", base)
+    assert cli(["space", "validate", str(write_yaml(text))]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "error: " in err and expected.format(tmp=tmp_path) in err, err
 
 
 def test_illegal_arch_lists_every_problem(capsys, tmp_path):

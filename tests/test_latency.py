@@ -864,6 +864,21 @@ def test_a_table_missing_signatures(tmp_path, sigs, latency_of, space, part):
     assert f"diffnas latency build tiny --device {DEVICE} --db {path}" in message
 
 
+def test_missing_signatures_hint_builds_a_space_file_by_its_path(tmp_path, sigs, latency_of):
+    """`latency build NAME` cannot find a space that lives in a file: the hint gives the path."""
+    text = (REPO / "search_spaces" / "builtin" / "tiny.yaml").read_text()
+    yaml_file = tmp_path / "my space.yaml"
+    yaml_file.write_text(text.replace("name: tiny", "name: mine"))
+    mine = load_space(yaml_file)
+    assert mine.ref == str(yaml_file) and load_space("tiny").ref == "tiny"
+    path = tmp_path / "partial.db"
+    with LatencyTable(path) as table:
+        table.add([measurement(s, latency_of[s.hash]) for s in sigs[1:]])
+        with pytest.raises(MissingSignaturesError) as e:
+            Predictor(mine, table, DEVICE)
+    assert f"diffnas latency build '{yaml_file}' --device {DEVICE} --db {path}" in str(e.value)
+
+
 def test_a_device_the_table_lacks(synthetic_table, space):
     with pytest.raises(UserError, match="no measurements for device 'iphone'") as e:
         Predictor(space, synthetic_table, "iphone")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 
 import pytest
@@ -119,14 +120,23 @@ def test_bad_input_is_rejected_and_nothing_written(server):
     assert post({"lease_id": lid, "samples_ms": [1.0], "median_ms": 1.0}) == 422  # unknown
     assert post({"lease_id": lid, "samples_ms": []}) == 422
     for bad in (b"NaN", b"Infinity", b"-Infinity", b"-1.0", b"0", b"1e999"):
-        assert post(raw=b'{"samples_ms": [1.0, %s]}' % bad) == 422, bad
-    assert post({"samples_ms": [1.0], "versions": {"nested": {"a": 1}}}) == 422
+        raw = b'{"lease_id": "%s", "samples_ms": [1.0, %s]}' % (lid.encode(), bad)
+        assert post(raw=raw) == 422, bad
+    assert post({"lease_id": lid, "samples_ms": [1.0], "versions": {"nested": {"a": 1}}}) == 422
+    assert post({"samples_ms": [1.0]}) == 422  # a result names the lease it was made under
+    # JSON travels as UTF-8: another encoding is a malformed body like any other
+    body = {"lease_id": lid, "samples_ms": [1.0], "versions": {"gpu": "Geförce"}}
+    text = json.dumps(body, ensure_ascii=False)
+    status, out = server.call("POST", path, token=agent, raw=text.encode("latin-1"))
+    assert status == 422 and out["detail"][0]["msg"] == "not UTF-8 text", out
+    assert post(raw=b"\xff\xfe{}") == 422
 
     big = {"lease_id": lid, "samples_ms": [1.0] * 300_000}  # over the 1 MiB cap
     assert post(big) == 413
     assert post(raw=json.dumps(big).encode(), chunked=True) == 413  # no Content-Length
 
-    assert server.call("POST", "/jobs/99999/result", {"samples_ms": [1.0]}, agent)[0] == 404
+    body = {"lease_id": lid, "samples_ms": [1.0]}
+    assert server.call("POST", "/jobs/99999/result", body, agent)[0] == 404
     assert server.call("POST", "/jobs/99999/release", {"lease_id": lid}, agent)[0] == 404
     assert server.call("GET", "/jobs/99999")[0] == 404
     assert server.call("GET", "/devices/nope/table")[0] == 404
@@ -204,6 +214,44 @@ def test_job_life_cycle(server, clock):
     # a failed job can be queued again
     out = server.call("POST", "/devices/cpu-test/jobs", {"space": "tiny"})[1]
     assert len(out["created"]) == 1 and out["already_measured"] == 1
+
+
+def test_a_result_needs_the_lease_the_job_is_held_under(server, clock):
+    agent = register(server)
+    job = lease(server, agent)
+    made_up = "0123456789abcdef" * 2
+    # a made-up lease stores nothing and leaves the holder's lease alone
+    status, out = result(server, agent, {**job, "lease_id": made_up})
+    assert status == 409 and "not held under this lease" in out["detail"]
+    held = server.store.job(job["id"])
+    assert held.state == "leased" and held.lease_id == job["lease_id"] and rows(server) == 0
+
+    # a lease that expired (swept or not yet) is stale: the job may be someone else's now
+    clock.advance(61)
+    assert result(server, agent, job)[0] == 409
+    again = lease(server, agent)
+    assert again["id"] == job["id"]
+    status, out = result(server, agent, job)
+    assert status == 409 and "under another lease" in out["detail"]
+    assert server.store.job(job["id"]).lease_id == again["lease_id"] and rows(server) == 0
+
+    # the holder's result is stored; sending it again (a lost answer) is still fine
+    assert result(server, agent, again)[0] == 201
+    assert result(server, agent, again)[0] == 200
+    assert result(server, agent, job)[0] == 200  # done: nothing to end, nothing stored
+    assert rows(server) == 1
+
+
+def test_docs_page_needs_no_other_host(server):
+    status, page = server.call("GET", "/docs", token=None)
+    assert status == 200 and "swagger-ui" in page
+    assert re.findall(r"(?:https?:)?//[\w.-]+", page) == []  # nothing loads from elsewhere
+    assets = re.findall(r"""(?:src|href)=['"]([^'"]+)['"]""", page)
+    assert {"/docs/assets/swagger-ui-bundle.js", "/docs/assets/swagger-ui.css"} <= set(assets)
+    for path in [*assets, "/openapi.json", "/docs/oauth2-redirect"]:
+        status, body = server.call("GET", path, token=None)
+        assert status == 200 and body, path
+    assert server.call("GET", "/docs/assets/../t.db", token=None)[0] == 404
 
 
 def test_tables_and_predictions(server):

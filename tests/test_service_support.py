@@ -64,7 +64,7 @@ class Clock:
 
 
 def call(url, method, path, body=None, token=None, raw=None, headers=None, chunked=False):
-    """One HTTP request, no retries: (status, decoded JSON or text)."""
+    """One HTTP request, no retries: (status, decoded JSON, text, or bytes for images)."""
     host, port = url.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=30)
     h = dict(headers or {})
@@ -86,22 +86,27 @@ def call(url, method, path, body=None, token=None, raw=None, headers=None, chunk
         else:
             conn.request(method, path, data, h)
         r = conn.getresponse()
-        text = r.read().decode()
-        kind = r.getheader("content-type", "")
-        return r.status, json.loads(text) if "json" in kind and text else text
+        data, kind = r.read(), r.getheader("content-type", "")
+        if "json" in kind and data:
+            return r.status, json.loads(data)
+        binary = kind.startswith(("image/", "application/octet-stream"))
+        return r.status, data if binary else data.decode()
     finally:
         conn.close()
 
 
 class ThreadServer:
-    """`create_app` served by uvicorn in a thread of this process."""
+    """`create_app` served by uvicorn in a thread of this process (over HTTPS with `tls`, a
+    (certificate, key) pair; `call` speaks plain HTTP only, so use `store` there)."""
 
-    def __init__(self, db: Path, port: int = 0, **options):
+    def __init__(self, db: Path, port: int = 0, tls: tuple[Path, Path] | None = None, **options):
         self.app = create_app(db, ADMIN, **options)
         self.store = self.app.state.store
         sock = bind("127.0.0.1", port)
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning"))
+        scheme = "https" if tls else "http"
+        self.url = f"{scheme}://127.0.0.1:{sock.getsockname()[1]}"
+        files = {"ssl_certfile": str(tls[0]), "ssl_keyfile": str(tls[1])} if tls else {}
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", **files))
         self.thread = threading.Thread(
             target=self.server.run, kwargs={"sockets": [sock]}, daemon=True
         )

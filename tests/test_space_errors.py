@@ -10,6 +10,7 @@ import json
 import pytest
 
 from search_spaces import Architecture, ArchitectureError, SearchSpace, SpaceError, load_space
+from search_spaces.unet import builtin_unet_config
 
 HEAD = """\
 name: t
@@ -287,10 +288,94 @@ def test_pretrained_unet_config_not_json(tmp_path, write_yaml):
 
 
 def test_inputs_that_do_not_fit_the_unet(write_yaml):
-    path = write_yaml(HEAD.replace("context: [16, 128]", "context: [16, 64]"))
+    path = write_yaml(HEAD.replace("latent: [12, 16, 16]", "latent: [4, 16, 16]"))
     message = load_error(path)
     assert message.startswith(f"{path}:")
-    assert "does not run on inputs" in message and "context=[16, 64]" in message
+    assert "does not run on inputs" in message and "latent=[4, 16, 16]" in message
+
+
+def test_context_width_other_than_the_unets(write_yaml, find_line):
+    path = write_yaml(HEAD.replace("context: [16, 128]", "context: [16, 64]"))
+    message = load_error(path)
+    assert_at(message, path, find_line(path, "context:"))
+    assert "is 64 wide, but the base UNet's cross-attention takes cross_attention_dim 128" in (
+        message
+    )
+    assert "set `cross_attention_dim: 64`" in message
+
+
+# -- a UNet config of one's own (the plug-in journey) -------------------------------------------
+
+
+def tiny_config(drop: tuple[str, ...] = (), **changes) -> dict:
+    """The tiny UNet's config with the keys in `drop` left out and some changed."""
+    config = {**builtin_unet_config("tiny"), **changes}
+    return {k: v for k, v in config.items() if k not in drop}
+
+
+def config_space(write_yaml, config_ref: str, extra: str = "") -> str:
+    return write_yaml(HEAD.replace("builtin: tiny", f"config: {config_ref}") + extra)
+
+
+def test_base_config_as_a_json_file_next_to_the_space(tmp_path, write_yaml, monkeypatch):
+    (tmp_path / "unets").mkdir()
+    (tmp_path / "unets" / "my_unet.json").write_text(json.dumps(tiny_config()))
+    path = config_space(write_yaml, "unets/my_unet.json", STAGES + RULES)
+    monkeypatch.chdir("/")  # relative to the space file, not to the current folder
+    space = load_space(path)
+    assert space.config_file == tmp_path / "unets" / "my_unet.json"
+    assert list(space.slots) == list(load_space("tiny").slots)
+    assert list(space.with_inputs(batch=1).slots) == list(space.slots)
+
+
+def test_base_config_file_missing_or_a_folder(tmp_path, write_yaml, find_line):
+    path = config_space(write_yaml, "my_unet.json")
+    message = load_error(path)
+    assert_at(message, path, find_line(path, "config:"))
+    assert f"config file '{tmp_path / 'my_unet.json'}' does not exist" in message
+
+    (tmp_path / "pipe" / "unet").mkdir(parents=True)
+    (tmp_path / "pipe" / "unet" / "config.json").write_text(json.dumps(tiny_config()))
+    message = load_error(config_space(write_yaml, "pipe"))
+    assert "is a folder, not a UNet config file; `pretrained:" in message
+
+
+def test_base_config_neither_a_mapping_nor_a_path(write_yaml, find_line):
+    path = config_space(write_yaml, "[1, 2]")
+    message = load_error(path)
+    assert message == (
+        f"{path}:{find_line(path, 'config:')}: base.config: give the UNet config as a mapping, "
+        "or the path of its JSON file (e.g. config: my_unet.json)"
+    )
+
+
+def test_base_config_file_not_json(tmp_path, write_yaml):
+    (tmp_path / "my_unet.json").write_text('{"in_channels": 12,\n oops}')
+    message = load_error(config_space(write_yaml, "my_unet.json"))
+    assert f"{tmp_path / 'my_unet.json'}:2: not valid JSON" in message
+
+
+def test_pretrained_that_is_a_file(tmp_path, write_yaml, find_line):
+    (tmp_path / "my_unet.json").write_text(json.dumps(tiny_config()))
+    path = write_yaml(HEAD.replace("builtin: tiny", "pretrained: my_unet.json"))
+    message = load_error(path)
+    assert_at(message, path, find_line(path, "pretrained:"))
+    assert "is a file, but must be a folder" in message and "`config: my_unet.json`" in message
+
+
+def test_config_without_cross_attention_dim_takes_diffusers_default(tmp_path, write_yaml):
+    (tmp_path / "my_unet.json").write_text(json.dumps(tiny_config(drop=("cross_attention_dim",))))
+    message = load_error(config_space(write_yaml, "my_unet.json"))
+    assert "cross_attention_dim 1280, diffusers' default: the config does not set it" in message
+    assert "set `cross_attention_dim: 128` in the UNet config" in message
+
+
+def test_stage_map_with_a_mid_block_the_unet_lacks(tmp_path, write_yaml, find_line):
+    (tmp_path / "my_unet.json").write_text(json.dumps(tiny_config(mid_block_type=None)))
+    path = config_space(write_yaml, "my_unet.json", STAGES + RULES)
+    message = load_error(path)
+    assert_at(message, path, find_line(path, '"mid_block.*"'))
+    assert "pattern 'mid_block.*' matches no slot; the base UNet has no mid block" in message
 
 
 # -- architectures ------------------------------------------------------------------------------
