@@ -199,13 +199,17 @@ def transfer(
     signatures: Iterable[BlockSignature] | None = None,
     source_setting: dict | None = None,
     say: Callable[[str], None] = lambda s: None,
+    target_signature: Callable[[BlockSignature], BlockSignature] | None = None,
 ) -> TransferReport:
     """Fill `target`'s table from `source`'s with `budget` measurements on the target.
 
     Measurements the target already has count toward the budget (so a rerun measures nothing
     new). With `measure` None the chosen blocks are only reported (`to_measure`), e.g. to be
     queued for the target's agents; run again once they are measured.
-    `signatures` restricts the blocks to fill (default: every block measured on the source)."""
+    `signatures` restricts the blocks to fill (default: every block measured on the source).
+    `target_signature` maps a source block to the block the target runs in its place
+    (default: the same block at the target's precision), e.g. the same layer at another
+    batch size or resolution when the table of a new input size is filled from an old one."""
     check_device_name(target)
     if source == target:
         raise UserError("--from and --to name the same device; give two devices")
@@ -223,10 +227,8 @@ def transfer(
                 f"(diffnas latency build SPACE --device {source})"
             )
         src = {h: m for h, m in src.items() if h in wanted}
-    cands = [
-        Candidate(in_call_order(m.signature.with_dtype(precision)), m.median_ms)
-        for m in src.values()
-    ]
+    to_target = target_signature or (lambda sig: sig.with_dtype(precision))
+    cands = [Candidate(in_call_order(to_target(m.signature)), m.median_ms) for m in src.values()]
     cands, quirks = temper_quirks(cands)
     if len(cands) < budget:
         raise UserError(

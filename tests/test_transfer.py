@@ -142,3 +142,22 @@ def test_transfer_command_queues_for_agents(table, tmp_path, capsys):
     argv = ["latency", "transfer", "--from", "cpu-a", "--to", "phone", "--backend", "coreml"]
     code, text = cli(*argv, "--db", db, capsys=capsys)
     assert code == 2 and "Core ML timing needs macOS" in text and "--queue" in text
+
+
+def test_transfer_onto_another_input_size(table):
+    # B runs every block at twice A's batch: the target signature maps each A block to its
+    # batch-4 twin, which is what B measures and what its table holds
+    twin = dict(zip((s.hash for s in tiny_blocks(2)), tiny_blocks(4), strict=True))
+    measured = []
+
+    def measure(sig):
+        measured.append(sig.hash)
+        return Timing([b_ms(sig)], {})
+
+    report = transfer(
+        table, "cpu-a", "cpu-b", 8, TORCH_CPU, measure, target_signature=lambda s: twin[s.hash]
+    )
+    b_hashes = {s.hash for s in tiny_blocks(4)}
+    assert set(measured) <= b_hashes and set(report.predicted) <= b_hashes
+    assert len(measured) + len(report.predicted) == len(twin)
+    assert {m.signature.hash for m in table.rows("cpu-b")} == b_hashes
