@@ -155,6 +155,7 @@ def main() -> None:
             "python": sys.version.split()[0],
         },
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "command": " ".join(["python", "experiments/benchmarks/run_all.py", *sys.argv[1:]]),
         "profile": args.profile,
         "benchmarks": rows,
     }

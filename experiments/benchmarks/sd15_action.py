@@ -33,7 +33,6 @@ import argparse
 import json
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from datetime import UTC, datetime
@@ -43,6 +42,7 @@ import diffusers
 import open_clip
 import torch
 from diffusers import AutoencoderKL
+from provenance import provenance
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from latency.backends.torch_backend import synchronize
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
 
     report = {
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": " ".join(sys.argv),
+        **provenance(args),
         "device": str(device),
         "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
         "cpu": platform.processor() or platform.machine(),

@@ -27,12 +27,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from provenance import provenance
 
 from nas.evolve import RunDir
 from nas.experiment import load_experiment
@@ -132,16 +132,10 @@ def main() -> None:
         "optuna_minus_evolution_clip": same["optuna"] - same["evolution"],
         "optuna_minus_evolution_clip_as_delivered": study.clip - evolution.clip,
         "runs": str(runs),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "cpus": os.cpu_count(),
-            "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(),
-            "load_average_at_end": list(os.getloadavg()),
-        },
         "seconds": time.perf_counter() - start,
     }
+    result |= provenance(args)
+    result["machine"]["load_average_at_end"] = list(os.getloadavg())
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 

@@ -35,6 +35,7 @@ from pathlib import Path
 import diffusers
 import torch
 from diffusers import UNet2DConditionModel
+from provenance import provenance
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -244,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
     headline = "sd15" if "sd15" in results else "tiny"
     report = {
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": " ".join(sys.argv),
+        **provenance(args),
         "device": args.device,
         "dtype": args.dtype,
         "torch": torch.__version__,
