@@ -67,9 +67,9 @@ CHECKPOINT_PREFIX = "checkpoint_"  # Ray Train's checkpoint folders: checkpoint_
 @contextmanager
 def ray_cluster(address: str | None, workers: int, use_gpu: bool | None = None) -> Iterator[bool]:
     """Join the Ray cluster at `address`, or start a local instance (stopped on exit; a Ray
-    this process already joined is used as it is), and check that it can hold `workers`
-    workers. Yields whether they train on GPUs: `use_gpu=None` uses GPUs when the cluster has
-    one per worker; True asks for them (a UserError where there are too few).
+    this process already joined is used as it is, another address refused), and check that it
+    can hold `workers` workers. Yields whether they train on GPUs: `use_gpu=None` uses GPUs
+    when the cluster has one per worker; True asks for them (a UserError where too few).
 
     The address is checked as the search's evaluation pool checks it (`nas.distributed.probe`);
     unlike that pool, the workers' output reaches the driver: Ray Train's line for each
@@ -80,8 +80,13 @@ def ray_cluster(address: str | None, workers: int, use_gpu: bool | None = None) 
         raise UserError(f"--workers {workers}: give at least 1 worker")
     started = False
     if ray.is_initialized():
-        if address is not None:
-            log.warning("Ray is already initialised in this process; --ray-address is not used")
+        joined = ray.get_runtime_context().gcs_address
+        if address is not None and address != joined:
+            raise UserError(
+                f"--ray-address {address}: this process is already connected to the Ray "
+                f"cluster at {joined}; give that address, leave out --ray-address to train "
+                "there, or call ray.shutdown() first"
+            )
     elif address is None:
         # a CPU worker takes one logical CPU: more workers than cores still run (oversubscribed)
         cpus = max(os.cpu_count() or 1, workers)

@@ -208,3 +208,8 @@ def test_train_ray_bad_input(ray_local, space, data, tmp_path):
     with pytest.raises(UserError, match="nothing stored is overwritten"):
         train_ray(model, data, CONFIG, tmp_path / "e", workers=2)
     assert (tmp_path / "e" / "notes.txt").read_text() == "keep me"
+    # another cluster's address while this process is connected to one: refused, not ignored
+    joined = ray_local.get_runtime_context().gcs_address
+    with pytest.raises(UserError, match=f"already connected to the Ray cluster at {joined}"):
+        train_ray(model, data, CONFIG, tmp_path / "f", workers=2, ray_address="127.0.0.1:1")
+    assert not (tmp_path / "f").exists()
