@@ -57,8 +57,10 @@ PROFILES: dict[str, dict[str, list[str]]] = {
             "--block-repeats",
             "5",
         ],
-        "latency_transfer": ["--rounds", "2"],
-        "search_fidelity": [],
+        # the pairs of another kind (bf16, twice the batch, twice the resolution) on tiny's
+        # blocks; bench-full adds sd15's and sd21's
+        "latency_transfer": ["--quick"],
+        "search_fidelity": [],  # three searches, each on a table of its own
         "ray_scaling": ["--rounds", "1"],
     },
     "full": {
