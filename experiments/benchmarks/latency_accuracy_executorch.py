@@ -104,6 +104,7 @@ def run_space(space, args, tmp: Path) -> dict:
         built = build_table(space, table, block_backend, device, rounds=args.rounds)
         out["table_build_seconds"] = built.seconds
         out["blocks"] = len(built.measured)
+        out["noise_guard"] = built.guard.__dict__ if built.guard else None  # reference spread
         out["executorch_over_eager"] = eager_ratio(space, table, device, args)
         predictor = Predictor(space, table, device, calibrate=False)
     if args.samples == 0:  # the table alone: its build time and the ET / eager ratios
