@@ -69,6 +69,12 @@ def build_cmd(
     strict: bool = typer.Option(
         False, "--strict", help="Noise guard above --max-spread: store nothing (exit 2)."
     ),
+    adb: str = typer.Option(
+        None, "--adb", help="executorch: time on this Android phone (adb serial), not here."
+    ),
+    runner: Path = typer.Option(
+        None, "--runner", help="With --adb: ExecuTorch's executor_runner built for the phone."
+    ),
 ) -> None:
     """Profile every block signature of SPACE that the table lacks."""
     check_device_name(device)
@@ -83,8 +89,7 @@ def build_cmd(
                 "--attention is a setting of --backend executorch", param_hint="--attention"
             )
         extra["attention"] = attention
-    b = get_backend(
-        backend,
+    settings = dict(
         compute_unit=compute_unit,
         precision=precision,
         repeats=repeats,
@@ -92,6 +97,14 @@ def build_cmd(
         threads=threads,
         **extra,
     )
+    if adb is not None:
+        from .backends.android import android_backend
+
+        b = android_backend(
+            backend, adb, runner, **{**settings, "compute_unit": compute_unit or "xnnpack"}
+        )
+    else:
+        b = get_backend(backend, **settings)
     sp = load_space(space)
     guard = NoiseGuard(max_spread=max_spread, strict=strict)
     with open_table(db) as table:

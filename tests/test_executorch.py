@@ -288,3 +288,27 @@ def test_cli_builds_and_shows_an_executorch_table(capsys, tmp_path, micro_space,
     code, out, err = run_cli(capsys, "latency", "predict", micro_space, "--device", "phone-cpu",
                              "--db", db)  # fmt: skip
     assert code == 0 and "predicted:" in out, err
+
+    # per-operator breakdown of a cross-attention block, from the runtime's ETDump
+    ca = next(m.signature.hash for m in rows if m.signature.kind == "cross_attention")
+    code, out, err = run_cli(capsys, "latency", "show", "--device", "phone-cpu", "--db", db,
+                             "--ops", ca[:8])  # fmt: skip
+    out = " ".join(out.split())
+    assert code == 0, err
+    assert "Fully Connected" in out and "xnnpack" in out  # XNNPACK's own kernels, inside
+    assert "native_group_norm" in out and "portable" in out  # no XNNPACK group norm: outside
+    assert "left outside the xnnpack delegate: aten.native_group_norm" in out
+    code, out, err = run_cli(capsys, "latency", "show", "--device", "phone-cpu", "--db", db,
+                             "--ops", "zzzz")  # fmt: skip
+    assert code == 2 and "no block of device 'phone-cpu' has a hash starting with 'zzzz'" in err
+
+
+def test_a_signature_read_back_from_json_keeps_its_call_order():
+    # canonical JSON sorts input names (encoder_hidden_states < hidden_states); a block rebuilt
+    # from a table row or a service job must still be called in its own order
+    sig = attention_sig()
+    back = BlockSignature.from_dict(json.loads(sig.to_json()))
+    assert back == sig and back.hash == sig.hash
+    assert [name for name, _ in back.inputs] == ["hidden_states", "encoder_hidden_states"]
+    with torch.no_grad():
+        sig.build()(*back.example_inputs())  # raises if the inputs came in sorted order
