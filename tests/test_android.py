@@ -134,3 +134,30 @@ def test_cli_build_on_a_phone_that_is_not_connected_exits_2(env, runner, tmp_pat
     assert "'pixel-9' is not connected" in err and "Traceback" not in err
     with LatencyTable(db) as table:
         assert table.rows() == []
+
+
+def test_the_agent_times_its_jobs_on_the_phone(env, runner, tmp_path, capsys, monkeypatch):
+    from test_service_support import ThreadServer
+
+    server = ThreadServer(tmp_path / "service.db")
+    try:
+        device = {"name": "pixel", "kind": "pixel-8", "backend": "executorch"}
+        assert server.call("POST", "/devices", {**device, "compute_unit": "xnnpack"})[0] == 201
+        status, out = server.call(
+            "POST", "/devices/pixel/jobs", {"signatures": [block().to_dict()]}
+        )
+        assert status == 201, out
+        token = server.call("POST", "/tokens", {"role": "agent", "device": "pixel"})[1]["token"]
+        monkeypatch.setenv("DIFFNAS_TOKEN", token)
+        agent = ["latency", "agent", "--server", server.url, "--device", "pixel",
+                 "--exit-when-empty", "--repeats", "2", "--warmup", "0", "--threads", "1",
+                 "--adb", SERIAL]  # fmt: skip
+        try:
+            main([*agent, "--runner", str(runner)])
+        except SystemExit as e:
+            assert not e.code, capsys.readouterr()
+        rows = server.store.table.rows("pixel")
+        assert len(rows) == 1 and rows[0].versions["device_serial"] == SERIAL
+        assert rows[0].versions["delegate"] == "xnnpack" and len(rows[0].samples) == 2
+    finally:
+        server.stop()
