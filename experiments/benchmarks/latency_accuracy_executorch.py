@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import statistics
 import sys
@@ -50,6 +49,7 @@ from search_spaces import load_space
 
 sys.path.insert(0, str(Path(__file__).parent))
 from latency_accuracy import cpu_ticks  # noqa: E402
+from provenance import provenance  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -209,24 +209,20 @@ def main() -> None:
     steal = (end[0] - ticks[0]) / max(end[1] - ticks[1], 1) if ticks and end else None
     summary = {
         "benchmark": "latency_accuracy_executorch",
-        "command": [sys.executable, *sys.argv],
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "backend": {
             "backend": "executorch",
             "compute_unit": "xnnpack",
             **{k: v for k, v in get_backend("executorch").versions().items() if k != "threads"},
             "threads": args.threads,
         },
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(),
-            "loadavg_before": load_before,
-            "loadavg_after": os.getloadavg(),
-            "cpu_steal_share": steal,
-        },
         "targets": {"mape": 5.0, "within_10": 0.95, "kendall_tau": 0.9},
         "results": results,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    summary |= provenance(args)  # command, settings, commit, machine, created
+    summary["load"] = {
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg(),
+        "cpu_steal_share": steal,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=2) + "\n")
@@ -244,7 +240,7 @@ def main() -> None:
         for kind, x in r["executorch_over_eager"].items():
             ratio, median = x["ratio_of_sums"], x["median_ratio"]
             print(f"{name:6} ET/eager {kind:16} {ratio:.2f} (median per block {median:.2f})")
-    print(f"load average before/after: {load_before} / {summary['machine']['loadavg_after']}")
+    print(f"load average before/after: {load_before} / {summary['load']['loadavg_after']}")
     scored = [n for n in ("sd15", "tiny") if "calibrated" in results.get(n, {})]
     if scored:
         name = scored[0]
