@@ -13,7 +13,8 @@ $(VENV)/.installed: pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet $(TORCH)
 	# torch is already satisfied, so resolving the project cannot pull another build.
-	$(BIN)/pip install --quiet -e ".[dev]" $(TORCH)
+	# The executorch extra is installed too: its tests run in `make test` (none skip).
+	$(BIN)/pip install --quiet -e ".[dev,executorch]" $(TORCH)
 	touch $@
 
 # The tiny search: builds (first time, ~8 min on 2 cores) or reuses the tiny world and a CPU

@@ -14,7 +14,7 @@ from search_spaces import Architecture, load_space
 
 from .backends import get_backend
 from .predict import Predictor
-from .profile import build_table
+from .profile import NoiseGuard, build_table
 from .signature import unet_parts
 from .table import LatencyTable, check_device_name
 
@@ -38,9 +38,12 @@ def open_table(db: Path | None) -> LatencyTable:
 def build_cmd(
     space: str = typer.Argument(..., help="Space name or YAML file."),
     device: str = typer.Option(..., "--device", help="Name of the device in the table."),
-    backend: str = typer.Option("torch", "--backend", help="torch or coreml."),
+    backend: str = typer.Option("torch", "--backend", help="torch, coreml or executorch."),
     compute_unit: str = typer.Option(
-        None, "--compute-unit", help="torch: cpu|cuda|mps; coreml: ALL|CPU_ONLY|..."
+        None,
+        "--compute-unit",
+        help="torch: cpu|cuda|mps; coreml: ALL|CPU_ONLY|...; executorch: the delegate, "
+        "xnnpack (timed here) or coreml|vulkan (built here, timed on the device)",
     ),
     precision: str = typer.Option("fp32", "--precision", help="fp32, fp16 or bf16."),
     db: Path = typer.Option(None, "--db", help=DB_HELP),
@@ -51,26 +54,68 @@ def build_cmd(
     rounds: int = typer.Option(
         1, "--rounds", help="Passes over the blocks in new orders; each keeps its fastest."
     ),
+    attention: str = typer.Option(
+        None,
+        "--attention",
+        help="executorch: the diffusers attention processor blocks are exported with, classic "
+        "(AttnProcessor, the default: lowers fully to XNNPACK) or sdpa (diffusers' default)",
+    ),
+    max_spread: float = typer.Option(
+        1.25,
+        "--max-spread",
+        help="Noise guard: a reference block is timed before, during and after the build; "
+        "a slowest/fastest ratio above this warns.",
+    ),
+    strict: bool = typer.Option(
+        False, "--strict", help="Noise guard above --max-spread: store nothing (exit 2)."
+    ),
+    adb: str = typer.Option(
+        None, "--adb", help="executorch: time on this Android phone (adb serial), not here."
+    ),
+    runner: Path = typer.Option(
+        None, "--runner", help="With --adb: ExecuTorch's executor_runner built for the phone."
+    ),
 ) -> None:
     """Profile every block signature of SPACE that the table lacks."""
     check_device_name(device)
     if rounds < 1:
         raise typer.BadParameter("need at least 1 round", param_hint="--rounds")
-    b = get_backend(
-        backend,
+    if max_spread < 1:
+        raise typer.BadParameter("a spread is a ratio >= 1", param_hint="--max-spread")
+    extra = {}
+    if attention is not None:
+        if backend != "executorch":
+            raise typer.BadParameter(
+                "--attention is a setting of --backend executorch", param_hint="--attention"
+            )
+        extra["attention"] = attention
+    settings = dict(
         compute_unit=compute_unit,
         precision=precision,
         repeats=repeats,
         warmup=warmup,
         threads=threads,
+        **extra,
     )
+    if adb is not None:
+        from .backends.android import android_backend
+
+        b = android_backend(
+            backend, adb, runner, **{**settings, "compute_unit": compute_unit or "xnnpack"}
+        )
+    else:
+        b = get_backend(backend, **settings)
     sp = load_space(space)
+    guard = NoiseGuard(max_spread=max_spread, strict=strict)
     with open_table(db) as table:
-        report = build_table(sp, table, b, device, force=force, rounds=rounds)
+        report = build_table(sp, table, b, device, force=force, rounds=rounds, guard=guard)
         console.print(
             f"measured {len(report.measured)} block(s), {report.skipped} already in "
             f"{table.path}, in {report.seconds:.1f} s"
         )
+        if report.guard is not None:
+            style = "" if report.guard.ok else "[bold yellow]warning:[/] "
+            console.print(f"{style}noise guard: {report.guard.describe()}")
 
 
 @app.command("show")
@@ -81,11 +126,19 @@ def show_cmd(
     db: Path = typer.Option(None, "--db", help=DB_HELP),
     backend: str = typer.Option(None, "--backend"),
     precision: str = typer.Option(None, "--precision"),
+    ops: str = typer.Option(
+        None,
+        "--ops",
+        help="executorch: per-operator times of this block (signature hash or prefix) from "
+        "an ETDump, and which ops stayed outside the delegate.",
+    ),
 ) -> None:
     """Devices of a table, a device's measurements, or a space's per-stage latency."""
     with open_table(db) as table:
         if device is None:
-            t = Table("device", "backend", "compute unit", "precision", "signatures", "rows")
+            t = Table(
+                "device", "backend", "compute unit", "precision", "signatures", "rows", "spread"
+            )
             for d in table.devices():
                 t.add_row(
                     d["device"],
@@ -94,8 +147,14 @@ def show_cmd(
                     d["precision"],
                     str(d["signatures"]),
                     str(d["rows"]),
+                    _last_spread(table, d),
                 )
             console.print(t)
+            return
+        if ops is not None:
+            from .ops import show_ops
+
+            show_ops(table, device, ops, console)
             return
         if space is None:
             setting = table.setting(device, backend=backend, precision=precision)
@@ -114,6 +173,15 @@ def show_cmd(
                     str(len(m.samples)),
                 )
             console.print(t)
+            for b in table.builds(device):
+                if (b["backend"], b["precision"]) == (setting["backend"], setting["precision"]):
+                    times = " / ".join(f"{m:.3g}" for m in b["reference_ms"])
+                    kept = "" if b["stored"] else " (refused: nothing stored)"
+                    console.print(
+                        f"build of {b['space']}, {b['blocks']} block(s): noise guard spread "
+                        f"{b['spread']:.2f} (limit {b['max_spread']:g}), reference "
+                        f"{b['reference']}: {times} ms{kept}"
+                    )
             return
         sp = load_space(space)
         predictor = Predictor(sp, table, device, backend=backend, precision=precision)
@@ -127,6 +195,16 @@ def show_cmd(
         if plot is not None:
             stage_plot(sp, pred, device, plot)
             console.print(f"wrote {plot}")
+
+
+def _last_spread(table: LatencyTable, setting: dict) -> str:
+    """The noise-guard spread of the setting's newest build ("" if none was recorded)."""
+    keys = ("device", "backend", "compute_unit", "precision")
+    found = [b for b in table.builds(setting["device"]) if all(b[k] == setting[k] for k in keys)]
+    if not found:
+        return ""
+    b = found[-1]
+    return f"{b['spread']:.2f}" + ("" if b["spread"] <= b["max_spread"] else " (busy)")
 
 
 def stage_plot(space, prediction, device: str, path: Path) -> None:

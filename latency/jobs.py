@@ -120,7 +120,7 @@ def in_call_order(sig: BlockSignature) -> BlockSignature:
 
 
 def backend_class(name: str) -> type[Backend]:
-    from .backends import coreml, torch_backend  # noqa: F401  (registers them)
+    from .backends import coreml, executorch_backend, torch_backend  # noqa: F401  (registers)
 
     if name not in BACKENDS:
         raise UserError(f"unknown backend {name!r}; choose one of {', '.join(sorted(BACKENDS))}")

@@ -112,6 +112,14 @@ def agent_cmd(
         help="PEM certificate(s) to trust for an https:// service, e.g. its self-signed "
         "--ssl-certfile (default: the system's CAs).",
     ),
+    adb: str = typer.Option(
+        None,
+        "--adb",
+        help="executorch devices: time on this Android phone (adb serial) instead of here.",
+    ),
+    runner: Path = typer.Option(
+        None, "--runner", help="With --adb: ExecuTorch's executor_runner built for the phone."
+    ),
 ) -> None:
     """Lease profiling jobs of DEVICE, time them here, post the results; until stopped."""
     from .agent import Agent, install_signal_handlers
@@ -135,14 +143,18 @@ def agent_cmd(
                 f"device {device!r} is registered with backend {info['backend']}, not {backend}; "
                 f"start the agent with --backend {info['backend']}"
             )
-        return get_backend(
-            info["backend"],
+        settings = dict(
             compute_unit=info["compute_unit"],
             precision=info["precision"],
             repeats=repeats,
             warmup=warmup,
             threads=threads,
         )
+        if adb is not None:  # built here, timed on the phone (latency/backends/android.py)
+            from .backends.android import android_backend
+
+            return android_backend(info["backend"], adb, runner, **settings)
+        return get_backend(info["backend"], **settings)
 
     agent = Agent(
         Client(server, token, ca=ca),

@@ -77,7 +77,12 @@ class BlockSignature:
     @classmethod
     def from_dict(cls, data: dict) -> BlockSignature:
         try:
-            return cls.make(data["kind"], data["init"], data["inputs"], data.get("dtype", "fp32"))
+            inputs = data["inputs"]
+            order = _CALL_ORDER.get(data["kind"], ())
+            if isinstance(inputs, dict) and set(inputs) == set(order):
+                # canonical JSON sorts the input names; the block is called in its own order
+                inputs = {name: inputs[name] for name in order}
+            return cls.make(data["kind"], data["init"], inputs, data.get("dtype", "fp32"))
         except (KeyError, TypeError, AttributeError) as e:
             raise UserError(f"not a block signature ({e}): {str(data)[:200]}") from None
 
@@ -129,6 +134,15 @@ def torch_dtype(name: str) -> torch.dtype:
     import torch
 
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+# Input names in call order, for the kinds with several inputs (the others have one); the
+# builders' forwards (latency/blocks.py) take them so.
+_CALL_ORDER = {
+    "resnet": ("hidden_states", "temb"),
+    "cross_attention": ("hidden_states", "encoder_hidden_states"),
+    "concat": ("hidden", "skip"),
+}
 
 
 def _freeze(v):

@@ -60,6 +60,21 @@ CREATE TABLE IF NOT EXISTS calibrations (
     mape_after REAL NOT NULL,
     created REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS builds (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    device TEXT NOT NULL,
+    backend TEXT NOT NULL,
+    compute_unit TEXT NOT NULL,
+    precision TEXT NOT NULL,
+    space TEXT NOT NULL,
+    reference TEXT NOT NULL,
+    reference_ms TEXT NOT NULL,
+    spread REAL NOT NULL,
+    max_spread REAL NOT NULL,
+    stored INTEGER NOT NULL,
+    blocks INTEGER NOT NULL,
+    created REAL NOT NULL
+);
 """
 
 
@@ -371,6 +386,44 @@ class LatencyTable:
             (device, s["backend"], s["compute_unit"], s["precision"], space),
         ).fetchone()
         return dict(row) if row else None
+
+    # -- the noise guard of each build (latency.profile.NoiseGuard) -----------------------------
+
+    def add_build(
+        self, device, backend, compute_unit, precision, space, guard, stored: bool, blocks: int
+    ) -> None:
+        """Record a build's reference timings and their spread (whether or not it stored)."""
+        with self._db:
+            self._db.execute(
+                "INSERT INTO builds (device, backend, compute_unit, precision, space, reference,"
+                " reference_ms, spread, max_spread, stored, blocks, created)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    device,
+                    backend,
+                    compute_unit,
+                    precision,
+                    space,
+                    f"{guard.reference} {guard.label}",
+                    json.dumps(guard.medians_ms),
+                    guard.spread,
+                    guard.max_spread,
+                    int(stored),
+                    blocks,
+                    time.time(),
+                ),
+            )
+
+    def builds(self, device: str | None = None) -> list[dict]:
+        """Every recorded build (newest last), with its reference timings and spread."""
+        query, args = "SELECT * FROM builds", ()
+        if device is not None:
+            query, args = query + " WHERE device=?", (device,)
+        rows = [dict(r) for r in self._db.execute(query + " ORDER BY id", args)]
+        for r in rows:
+            r["reference_ms"] = json.loads(r["reference_ms"])
+            r["stored"] = bool(r["stored"])
+        return rows
 
     # -- import / export ----------------------------------------------------------------------
 

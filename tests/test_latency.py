@@ -1053,7 +1053,9 @@ def test_build_in_rounds_stores_each_blocks_fastest_round(tmp_path, space):
             return Timing([slow * (1 + ranks.index(signature.hash))])
 
     with LatencyTable(tmp_path / "t.db") as table:
-        report = build_table(space, table, Scripted("cpu"), DEVICE, progress=False, rounds=2)
+        report = build_table(
+            space, table, Scripted("cpu"), DEVICE, progress=False, rounds=2, guard=None
+        )
         rows = table.rows(DEVICE)
     n = len(sigs)
     assert len(report.measured) == n and len(calls) == 2 * n

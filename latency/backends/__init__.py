@@ -85,7 +85,7 @@ def register(cls: type[Backend]) -> type[Backend]:
 
 
 def get_backend(name: str, **kwargs) -> Backend:
-    from . import coreml, torch_backend  # noqa: F401  (registers them)
+    from . import coreml, executorch_backend, torch_backend  # noqa: F401  (registers them)
 
     if name not in BACKENDS:
         raise UserError(f"unknown backend {name!r}; choose one of {', '.join(sorted(BACKENDS))}")
