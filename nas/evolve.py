@@ -257,10 +257,13 @@ def _remove(
     """Up to n removals, legality re-checked after each, stopping once the target is met,
     and the rule that chose each.
 
-    Each pick is the lowest-value legal removal, unless some legal removal meets the target
-    by itself: then it is the one of those that loses least CLIP. The lowest value (CLIP per
-    ms) favours expensive blocks, so near the target it would take out a costly block and land
-    far past the target, losing CLIP for latency nobody asked for."""
+    Each pick is the lowest-value legal removal, unless a removal that meets the target by
+    itself loses no more CLIP than that one (the lowest-value one included, when it meets the
+    target): then it is the one of those that loses least. The lowest value (CLIP per ms)
+    favours expensive blocks, so near the target it would take out a costly block and land
+    far past the target, losing CLIP for latency nobody asked for. A removal that meets the
+    target but loses more than the lowest-value one is not taken: one more iteration of cheap
+    removals costs less CLIP than one costly block."""
     chosen, rules, current = [], [], arch
     while len(chosen) < n and predictor.predict(current).total_ms > target_ms:
         legal = [
@@ -270,15 +273,17 @@ def _remove(
         ]
         if not legal:
             break
+        lowest = min(legal, key=lambda v: v.value)
         landing = [
             v
             for v in legal
-            if predictor.predict(current.apply(Action("remove", v.slot))).total_ms <= target_ms
+            if v.clip >= lowest.clip
+            and predictor.predict(current.apply(Action("remove", v.slot))).total_ms <= target_ms
         ]
         if landing:
             pick, rule = max(landing, key=lambda v: v.clip), "meets the target, least CLIP loss"
         else:
-            pick, rule = min(legal, key=lambda v: v.value), "lowest value"
+            pick, rule = lowest, "lowest value"
         action = Action("remove", pick.slot)
         chosen.append(action)
         rules.append(rule)

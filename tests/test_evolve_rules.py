@@ -63,3 +63,19 @@ def test_least_loss_among_the_removals_that_meet_the_target(space, predictor):
     assert chosen == [Action("remove", landing[1])]  # and then the group stops: target met
     assert rules == ["meets the target, least CLIP loss"]
     assert predictor.predict(arch.apply(chosen[0])).total_ms <= target
+
+
+def test_a_removal_that_meets_the_target_but_loses_more_is_not_taken(space, predictor):
+    # only costly blocks meet the target, and they lose far more than the lowest-value one:
+    # cheap removals over more iterations cost less CLIP than one costly block
+    arch = space.original()
+    saving = savings(space, predictor, arch)
+    cut = sorted(saving.values())[-3]
+    target = predictor.predict(arch).total_ms - cut
+    landing = {s for s, d in saving.items() if d >= cut}
+    values = [removal(s, 20.0 if s in landing else 45.0, 10.0) for s in saving]
+    cheap = next(v for v in values if v.slot not in landing)
+    cheap.value = -1.0
+    chosen, rules = _remove(space, arch, values, 1, predictor, target)
+    assert chosen == [Action("remove", cheap.slot)] and rules == ["lowest value"]
+    assert predictor.predict(arch.apply(chosen[0])).total_ms > target  # the next iteration goes on
