@@ -190,3 +190,16 @@ def test_architecture_of_the_run_is_the_students(run):
     arch = Architecture.load(run / "final.arch.json")
     net, _, saved = load_distilled(run)
     assert saved == arch and net.multiplicity == dict(arch.multiplicity)
+
+
+def test_report_shows_the_distilled_network(run):
+    from PIL import Image
+
+    from nas.report import write_report
+
+    page = write_report(run).read_text()
+    assert "<th>distilled</th>" in page and "CLIP, held-out prompts" in page
+    assert "<img src=comparison.png>" in page
+    image = Image.open(run / "comparison.png")
+    # 2 prompts (the protocol's), 3 networks of 32x32 images at 4x, beside the prompt text
+    assert image.height >= 2 * 128 and image.width >= 3 * 128 + 300
