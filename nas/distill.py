@@ -233,11 +233,15 @@ def distill(
     resume: bool = False,
     force: bool = False,
     progress: bool = True,
+    arch: Architecture | None = None,
+    folder: str | Path | None = None,
 ) -> dict:
     """Distil the found network of `run` (a finished search); return metrics.json's content.
 
     `config` default: the run's experiment file's `distill:` section. `teacher`: a diffusers
-    UNet folder (default: the full network of the run's supernet)."""
+    UNet folder (default: the full network of the run's supernet). `arch`: another
+    architecture of the space to distil from the same supernet instead (e.g. a hand design to
+    compare with), written to `folder` (default RUN/distilled/)."""
     from .experiment import Experiment
     from .search import experiment_space, open_world
 
@@ -245,9 +249,11 @@ def distill(
     check_finished(run)
     exp = Experiment.model_validate(yaml.safe_load((run / "experiment.yaml").read_text()))
     config = config or exp.distill
-    folder = run / DISTILLED_DIR
+    folder = Path(folder) if folder is not None else run / DISTILLED_DIR
     supernet = ElasticUNet.from_pretrained(run / "final")
-    space, arch = supernet.space, Architecture.load(run / "final.arch.json")
+    space = supernet.space
+    arch = arch if arch is not None else Architecture.load(run / "final.arch.json")
+    space.validate(arch)
     external = load_teacher(teacher, space) if teacher is not None else None  # before writing
     _prepare(folder, resume, force)
     t0 = time.perf_counter()
@@ -314,6 +320,7 @@ def distill(
                 "distill": config.to_dict(),
                 "teacher": str(teacher) if teacher is not None else "supernet (full network)",
                 "architecture_hash": arch.hash,
+                "architecture": arch.to_dict(),
                 "train": result.config.__dict__,
                 "protocols": {
                     n: {k: v for k, v in e.protocol.__dict__.items() if k != "prompts"}
