@@ -189,12 +189,14 @@ def _prepare(folder: Path, resume: bool, force: bool) -> None:
 
 def protocols(exp, world, config: DistillConfig) -> dict[str, Protocol]:
     """The search's protocol, and a held-out one on the validation prompts it did not use."""
+    from .search import held_out_prompts, search_prompts
+
     e = exp.evaluation
     common = {"cfg": e.cfg, "batch_size": e.batch_size, "seed": exp.seed, "precision": e.precision}
     out = {
-        "search": Protocol(world.val_prompts[: e.prompts], e.seeds, e.steps, **common),
+        "search": Protocol(search_prompts(exp, world), e.seeds, e.steps, **common),
     }
-    held_out = world.val_prompts[e.prompts :]
+    held_out = held_out_prompts(exp, world)  # after the search's: no prompt in common
     if held_out:
         out["held_out"] = Protocol(held_out, config.held_out_seeds, config.held_out_steps, **common)
     return out
