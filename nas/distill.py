@@ -206,23 +206,25 @@ def _clip(evaluators: dict[str, Evaluator], net: torch.nn.Module) -> dict[str, f
     return {name: float(ev.model_scores(net).mean()) for name, ev in evaluators.items()}
 
 
-def measure_ms(net: torch.nn.Module, space: SearchSpace, repeats: int = 20) -> float:
-    """Median wall time of one forward at the space's input shapes, on the net's device."""
-    param = next(net.parameters())
+def measure_ms(nets: dict[str, torch.nn.Module], space: SearchSpace, repeats: int = 20) -> dict:
+    """Median wall ms of one forward of each network at the space's input shapes, timed in
+    turns (one forward of each, again and again), so that a busy machine slows all alike."""
+    device = next(next(iter(nets.values())).parameters()).device
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(space.batch, *space.latent, generator=g).to(param.device)
-    ctx = torch.randn(space.batch, *space.context, generator=g).to(param.device)
-    t = torch.full((space.batch,), 500, device=param.device)
-    times = []
+    x = torch.randn(space.batch, *space.latent, generator=g).to(device)
+    ctx = torch.randn(space.batch, *space.context, generator=g).to(device)
+    t = torch.full((space.batch,), 500, device=device)
+    times: dict[str, list[float]] = {name: [] for name in nets}
     with torch.no_grad():
         for i in range(repeats + 3):
-            start = time.perf_counter()
-            net(x, t, encoder_hidden_states=ctx)
-            if param.device.type == "cuda":
-                torch.cuda.synchronize()
-            if i >= 3:  # warm-up runs are not timed
-                times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+            for name, net in nets.items():
+                start = time.perf_counter()
+                net(x, t, encoder_hidden_states=ctx)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                if i >= 3:  # warm-up rounds are not timed
+                    times[name].append(1000 * (time.perf_counter() - start))
+    return {name: statistics.median(v) for name, v in times.items()}
 
 
 # -- distill -------------------------------------------------------------------------------------
@@ -346,10 +348,10 @@ def distill(
             "student": sum(p.numel() for p in student.parameters()),
             "teacher": sum(p.numel() for p in teacher_net.parameters()),
         },
-        "measured_ms": {  # torch, this machine, the space's input shapes
+        # torch on this machine, the space's input shapes (the latency table's)
+        "measured_ms": {
             "device": str(device),
-            "student": measure_ms(student, space),
-            "teacher": measure_ms(teacher_net, space),
+            **measure_ms({"student": student, "teacher": teacher_net}, space),
         },
     }
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

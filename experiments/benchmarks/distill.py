@@ -24,17 +24,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
-import torch
 from provenance import provenance
 
-from latency.backends import get_backend
 from latency.predict import Predictor
 from latency.table import LatencyTable
-from nas.distill import distill
+from nas.distill import distill, measure_ms
 from nas.experiment import load_experiment
 from nas.search import latency_db, run_search
 from nas.searched_unet import SearchedUNet2DConditionModel
@@ -97,25 +94,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 def _scores(metrics: dict, key: str) -> dict[str, float]:
     """CLIP per protocol ("search", "held_out") of the student before or after, or teacher."""
     return metrics["clip"][key]
-
-
-def timed(nets: dict[str, torch.nn.Module], space: SearchSpace, repeats: int) -> dict:
-    """Median ms of one forward of each network at the table's shapes, measured in turns
-    (one forward of each, again and again): a busy shared CPU slows all of them alike."""
-    backend = get_backend("torch", compute_unit=None, precision="fp32", repeats=3)
-    g = torch.Generator().manual_seed(0)
-    inputs = (
-        torch.randn(space.batch, *space.latent, generator=g),
-        torch.full((space.batch,), 500),
-        torch.randn(space.batch, *space.context, generator=g),
-    )
-    times: dict[str, list[float]] = {name: [] for name in nets}
-    with torch.no_grad():
-        for _ in range(repeats):
-            for name, net in nets.items():
-                timing = backend.time_callable(lambda net=net: net(*inputs, return_dict=False))
-                times[name].append(timing.median_ms)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main(argv=None) -> None:
@@ -183,7 +161,7 @@ def main(argv=None) -> None:
 
             exported = UNet2DConditionModel.from_pretrained(out).eval()
         original = to_standalone(supernet, space.original())
-        measured = timed({"original": original, "found": exported}, space, args.repeats)
+        measured = measure_ms({"original": original, "found": exported}, space, args.repeats)
         latency = {
             "export_form": info["form"],
             "predicted_ms": {"original": original_ms, "found": found_ms},
