@@ -27,6 +27,7 @@ import json
 import time
 from pathlib import Path
 
+import torch
 from provenance import provenance
 
 from latency.predict import Predictor
@@ -83,6 +84,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--no-hand", action="store_true", help="skip the hand-designed network")
     ap.add_argument("--held-out-seeds", type=int, default=4, help="noises per held-out prompt")
     ap.add_argument("--repeats", type=int, default=30, help="timed forwards per network")
+    # one thread: on a machine busy with other work, torch's two threads wait on each other
+    # (a tiny-world step measured 6x slower with two threads than with one)
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--out", type=Path, default=RESULTS / "distill.json")
     args = ap.parse_args(argv)
     args.variants = args.variants.split(",")
@@ -98,6 +102,7 @@ def _scores(metrics: dict, key: str) -> dict[str, float]:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    torch.set_num_threads(args.threads)
     start = time.perf_counter()
     exp = load_experiment(args.experiment)
     if args.run is None:
