@@ -6,8 +6,9 @@ seed, each scored on the search's protocol and on a larger held-out one (the val
 prompts after the search's, `nas.search.held_out_prompts`, several noises each):
 
 - ablation: no training / task loss only / + output KD / + feature KD (the full loss);
-- the same full distillation of a hand-designed network of about the same latency, BK-SDM
-  style translated to the tiny space (`bk_sdm_tiny`);
+- the same full distillation of a hand-designed network: of the BK-SDM designs translated to
+  the space (experiments/designs/), the one whose predicted latency is closest to the found
+  network's;
 - the exported standalone network (`diffnas export --distilled`, loaded back from its folder)
   timed whole with torch on this CPU, beside the latency table's prediction; the original
   network too.
@@ -51,25 +52,18 @@ VARIANTS = {
 }
 
 
-def bk_sdm_tiny(space: SearchSpace, predictor: Predictor, target_ms: float) -> Architecture:
-    """BK-SDM-Base's recipe in the tiny space: one (ResNet, attention) pair out of each down
-    and up stage. The tiny space's down stages have a single pair whose ResNet cannot go
-    (Down-1's is the stage's only ResNet, Down-2's changes the channels), so there the
-    attention goes; each up stage loses its second pair. Then, as BK-SDM-Small does, the
-    mid-stage blocks go (attention first, then ResNets, as far as the rules allow) until the
-    predicted latency is within the target."""
-    arch = space.original()
-    plan = ["down_blocks.0.attentions.0", "down_blocks.1.attentions.0"]
-    plan += ["up_blocks.1.resnets.1", "up_blocks.1.attentions.1"]
-    plan += ["up_blocks.2.resnets.1", "up_blocks.2.attentions.1"]
-    mid = [p for p in space.stages["Mid"] if "attentions" in p]
-    mid += [p for p in space.stages["Mid"] if "resnets" in p]
-    for path in plan + mid:
-        if path in plan or predictor.predict(arch).total_ms > target_ms:
-            after = arch.with_multiplicity(path, 0)
-            if not space.violations(after):
-                arch = after
-    return arch
+DESIGNS = Path(__file__).parents[1] / "designs"  # hand designs translated to each space
+
+
+def hand_design(space: SearchSpace, predictor: Predictor, target_ms: float):
+    """The BK-SDM hand design of `space` (experiments/designs/bksdm_*.<space>.arch.json)
+    whose predicted latency is closest to `target_ms`: (name, architecture)."""
+    found = sorted(DESIGNS.glob(f"bksdm_*.{space.name}.arch.json"))
+    if not found:
+        return None
+    designs = {p.name.split(".")[0]: Architecture.load(p) for p in found}
+    name = min(designs, key=lambda n: abs(predictor.predict(designs[n]).total_ms - target_ms))
+    return name, designs[name]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -144,11 +138,13 @@ def main(argv=None) -> None:
         variants = {"none": {"weights": None, "steps": 0, "clip": before}} | variants
 
     hand = None
-    if not args.no_hand:
-        hand_arch = bk_sdm_tiny(space, predictor, found_ms)
-        print(f"hand design {hand_arch!r}: training {config.steps} steps", flush=True)
-        m = distill(run, config, force=True, arch=hand_arch, folder=bench / "bk_sdm_tiny")
+    design = None if args.no_hand else hand_design(space, predictor, found_ms)
+    if design is not None:
+        design_name, hand_arch = design
+        print(f"hand design {design_name}: training {config.steps} steps", flush=True)
+        m = distill(run, config, force=True, arch=hand_arch, folder=bench / design_name)
         hand = {
+            "design": design_name,
             "architecture": hand_arch.to_dict(),
             "predicted_ms": predictor.predict(hand_arch).total_ms,
             "params": space.params(hand_arch),
@@ -183,7 +179,7 @@ def main(argv=None) -> None:
 
     ratios = {name: {p: v["clip"][p] / teacher[p] for p in teacher} for name, v in variants.items()}
     if hand is not None:
-        ratios["bk_sdm_tiny"] = {p: hand["clip"][p] / teacher[p] for p in teacher}
+        ratios[hand["design"]] = {p: hand["clip"][p] / teacher[p] for p in teacher}
     out = {
         "benchmark": "distill",
         "run": str(run),
