@@ -157,10 +157,9 @@ def check_format(fmt: str) -> None:
             "--format coreml needs coremltools, which is not installed: pip install coremltools"
         )
     if fmt == "executorch":
-        raise UserError(
-            "--format executorch is not available in this version of diffnas yet; export "
-            "--format diffusers (torch + diffusers) or --format coreml"
-        )
+        from latency.executorch import require
+
+        require()  # a UserError saying how to install it
 
 
 class _Tensors(nn.Module):
@@ -174,17 +173,32 @@ class _Tensors(nn.Module):
         return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
 
 
+def _inputs(space: SearchSpace) -> tuple[torch.Tensor, ...]:
+    """Inputs of the space's shapes: an exported program's fixed shapes (values do not matter)."""
+    g = torch.Generator().manual_seed(0)
+    return (
+        torch.randn(space.batch, *space.latent, generator=g),
+        torch.full((space.batch,), 500.0),
+        torch.randn(space.batch, *space.context, generator=g),
+    )
+
+
+def _write_executorch(net: nn.Module, space: SearchSpace, path: Path, meta: dict) -> Path:
+    """An XNNPACK `.pte` (with its `.pte.json` sidecar), lowered as the table's blocks are
+    (`latency.executorch.lower`: same delegate, same attention processor)."""
+    from latency import executorch as et
+
+    lowered = et.lower(_Tensors(net.eval()), _inputs(space), "xnnpack", "classic")
+    inputs = ["sample", "timestep", "encoder_hidden_states"]
+    return et.save(path, lowered, {**meta, "delegate": "xnnpack", "inputs": inputs})
+
+
 def _write_coreml(net: nn.Module, space: SearchSpace, path: Path, meta: dict) -> Path:
     from latency.coreml import convert_program
 
     from .export import OUTPUT_NAME
 
-    g = torch.Generator().manual_seed(0)  # only the shapes matter
-    inputs = (
-        torch.randn(space.batch, *space.latent, generator=g),
-        torch.full((space.batch,), 500.0),
-        torch.randn(space.batch, *space.context, generator=g),
-    )
+    inputs = _inputs(space)
     program = torch.export.export(_Tensors(net.eval()), inputs).run_decompositions({})
     return convert_program(
         program,
@@ -234,7 +248,9 @@ def export_network(
     out = Path(out) if out is not None else run / EXPORT_DIR / f"{name}-{fmt}"
     if fmt == "coreml" and out.suffix != ".mlpackage":
         out = out / "unet.mlpackage"
-    folder = out.parent if fmt == "coreml" else out
+    if fmt == "executorch" and out.suffix != ".pte":
+        out = out / "unet.pte"
+    folder = out.parent if fmt in ("coreml", "executorch") else out
     if folder.exists() and any(folder.iterdir()) and not force:
         raise UserError(f"{folder} exists and is not empty; give another --out, or --force")
     space, arch, net = load_network(run, distilled)
@@ -245,6 +261,9 @@ def export_network(
     if fmt == "coreml":
         _write_coreml(net, space, out, info)
         info["form"] = "Core ML ML program (.mlpackage)"
+    elif fmt == "executorch":
+        _write_executorch(net, space, out, info)
+        info["form"] = "ExecuTorch program (.pte, XNNPACK)"
     else:
         plain = to_plain(net, space)
         if plain is not None:

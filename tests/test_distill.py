@@ -155,7 +155,6 @@ def test_bad_input(run, tmp_path, capsys):
         (["distill", str(run)], "--resume"),  # distilled/ exists
         (["distill", str(run), "--resume", "--force"], "not both"),
         (["export", str(unfinished)], "no finished search"),
-        (["export", str(run), "--format", "executorch"], "executorch"),
         (["export", str(run), "--format", "onnx"], "diffusers, coreml"),
     ]
     bad_teacher = tmp_path / "teacher"
@@ -184,6 +183,35 @@ def test_export_format_not_installed(run, capsys, monkeypatch):
     code, err = cli(["export", str(run), "--format", "coreml"], capsys)
     assert code == 2 and "coremltools, which is not installed" in err
     assert not (run / "export" / "found-coreml").exists()
+
+    import importlib.metadata
+
+    import latency.executorch as et
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(et.importlib.metadata, "version", missing)
+    code, err = cli(["export", str(run), "--format", "executorch"], capsys)
+    assert code == 2 and "ExecuTorch is not installed" in err
+    assert not (run / "export" / "found-executorch").exists()
+
+
+def test_export_executorch_runs_as_the_network(run, capsys):
+    pytest.importorskip("executorch")
+    import latency.executorch as et
+    from nas.standalone import _inputs
+
+    code, err = cli(["export", str(run), "--format", "executorch"], capsys)
+    assert code in (0, None), err
+    path = run / "export" / "found-executorch" / "unet.pte"
+    supernet = ElasticUNet.from_pretrained(run / "final")
+    net = to_standalone(supernet, Architecture.load(run / "final.arch.json"))
+    inputs = _inputs(supernet.space)
+    with torch.no_grad():
+        expected = net(*inputs, return_dict=False)[0]
+    got = et.load(path).forward(list(inputs))[0]
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
 
 
 def test_architecture_of_the_run_is_the_students(run):
