@@ -7,7 +7,8 @@ weights left, copies are real modules with their weights. `export_network` write
 - `diffusers`: a plain `UNet2DConditionModel` folder when the architecture can be said in a
   diffusers config (`plain_config`), otherwise the searched-UNet folder (config, architecture,
   safetensors and the module file; `AutoModel.from_pretrained(folder, trust_remote_code=True)`);
-- `coreml`: an `.mlpackage` converted from the standalone network's `torch.export` program.
+- `coreml`: an `.mlpackage` converted from the standalone network's `torch.export` program;
+- `executorch`: an XNNPACK `.pte` lowered from the same graph as the latency table's blocks.
 
 docs/distill.md says which architectures take which form, and why.
 """
