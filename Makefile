@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The torch wheels this machine kind ships on disk (pip takes them from there, no download).
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install run test lint bench bench-full clean
+.PHONY: install run distill test lint bench bench-full clean
 
 install: $(VENV)/.installed
 
@@ -21,6 +21,12 @@ $(VENV)/.installed: pyproject.toml
 # latency table, evolves to half the original latency, writes runs/tiny-<time>/report.html.
 run: install
 	$(BIN)/diffnas search experiments/tiny.yaml --name tiny-$$(date +%Y%m%d-%H%M%S)
+
+# After `make run`: train its found network from the full one (experiments/tiny.yaml's distill:
+# section, a few minutes on 2 cores) and add it to the run's report (docs/distill.md).
+distill: install
+	$(BIN)/diffnas distill $$(ls -td runs/tiny-* | head -1)
+	$(BIN)/diffnas report $$(ls -td runs/tiny-* | head -1)
 
 test: install
 	$(BIN)/ruff check .

@@ -140,6 +140,31 @@ class Evaluator:
         finally:
             self.supernet.set_architecture(previous)
 
+    def model_scores(self, model: torch.nn.Module) -> torch.Tensor:
+        """Per-image CLIP scores of another UNet (a standalone or distilled network, a
+        teacher) on the same prompts and noises, sampled with the supernet's scheduler."""
+        p, out = self.protocol, []
+        scheduler = getattr(self.supernet, "scheduler_config", None)
+        for i in range(0, len(self.prompts), p.batch_size):
+            sl = slice(i, min(i + p.batch_size, len(self.prompts)))
+            with self.autocast(), torch.no_grad():
+                latents = generate(
+                    model, self.context[sl], self.uncond, self.noise[sl], p.steps, p.cfg, scheduler
+                )
+                feats = self.clip.image_features(self.decode(latents))
+            out.append(self.clip.score_features(feats.float(), self.text_features[sl]))
+        return torch.cat(out)
+
+    def model_images(self, model: torch.nn.Module, n: int) -> torch.Tensor:
+        """The first n images of another UNet (as `images`), in [0, 1]."""
+        scheduler = getattr(self.supernet, "scheduler_config", None)
+        p = self.protocol
+        with self.autocast(), torch.no_grad():
+            latents = generate(
+                model, self.context[:n], self.uncond, self.noise[:n], p.steps, p.cfg, scheduler
+            )
+            return self.decode(latents).float().clamp(0, 1)
+
     def clip_score(self, arch: Architecture) -> float:
         return float(self.scores(arch).mean())
 

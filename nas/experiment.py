@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from search_spaces import UserError
 
+from .distill_config import DistillConfig
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -129,11 +131,15 @@ class Experiment(_Strict):
     evaluation: EvaluationSpec = EvaluationSpec()
     ray: RaySpec = RaySpec()  # how evaluation is spread out (not what is searched)
     seed: int = 0  # seeds training, evaluation noises and everything else
+    # `diffnas distill RUN_DIR` after the search (nas/distill_config.py); not in the hash
+    distill: DistillConfig = DistillConfig()
 
     def content_hash(self) -> str:
         """Identifies the experiment (a resume must continue the same one); `ray` says only
-        where actions are evaluated, so it is left out."""
-        text = json.dumps(self.model_dump(mode="json", exclude={"ray"}), sort_keys=True)
+        where actions are evaluated, and `distill` what happens after the search, so both
+        are left out."""
+        exclude = {"ray", "distill"}
+        text = json.dumps(self.model_dump(mode="json", exclude=exclude), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

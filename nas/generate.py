@@ -63,8 +63,8 @@ def step_noise_generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(random.Random(f"ddim-eta-{seed}").getrandbits(63))
 
 
-def _check_inputs(model: ElasticUNet, context: Tensor, uncond: Tensor, noise: Tensor) -> None:
-    config = model.unet.config
+def _check_inputs(model: torch.nn.Module, context: Tensor, uncond: Tensor, noise: Tensor) -> None:
+    config = getattr(model, "unet", model).config  # an ElasticUNet's UNet, or a plain UNet
     if noise.ndim != 4 or noise.shape[1] != config.in_channels:
         raise UserError(
             f"noise must be (B, {config.in_channels}, H, W) latents, not {tuple(noise.shape)}; "
@@ -89,7 +89,7 @@ def _check_inputs(model: ElasticUNet, context: Tensor, uncond: Tensor, noise: Te
 
 @torch.no_grad()
 def generate(
-    model: ElasticUNet,
+    model: ElasticUNet | torch.nn.Module,
     context: Tensor,
     uncond: Tensor,
     noise: Tensor,
@@ -100,7 +100,8 @@ def generate(
     eta: float = 0.0,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """DDIM-sample latents (B, C, H, W) from `noise` with the model's current architecture.
+    """DDIM-sample latents (B, C, H, W) from `noise` with the model's current architecture
+    (or with any diffusers UNet, e.g. a standalone network).
 
     `context` (B, tokens, dim) conditions sample i; `uncond` (1 or B, tokens, dim) is the
     unconditional context; `cfg` the guidance weight w (pred = u + w (c - u); w = 1: no

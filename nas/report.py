@@ -142,6 +142,73 @@ def _stages(result, path):
     plt.close(fig)
 
 
+GRID_COLUMNS = 8  # images per row of the grid PNGs (nas.evolve.save_grid, nas.distill)
+GRID_PADDING = 2
+COMPARISON_ROWS = 8  # prompts in comparison.png
+TILE = 128  # pixels of one image in comparison.png at least (a 32x32 image: 4x)
+
+
+def _tiles(path: Path, n: int) -> list:
+    """The first n images of a grid PNG (torchvision's layout: GRID_COLUMNS per row, padded)."""
+    from PIL import Image
+
+    grid = Image.open(path).convert("RGB")
+    columns = min(GRID_COLUMNS, n)
+    side = (grid.width - GRID_PADDING) // columns - GRID_PADDING
+    out = []
+    for i in range(n):
+        x = GRID_PADDING + (i % columns) * (side + GRID_PADDING)
+        y = GRID_PADDING + (i // columns) * (side + GRID_PADDING)
+        out.append(grid.crop((x, y, x + side, y + side)))
+    return out
+
+
+def _comparison(run: Path, prompts: list[str], networks: dict[str, Path], path: Path) -> None:
+    """One row per prompt, the prompt beside it, one column per network: the same prompts
+    and noises; each image enlarged by a whole factor (at least 4x a 32x32 one), nearest
+    neighbour, so its pixels stay pixels."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    n = min(COMPARISON_ROWS, len(prompts))
+    columns = {name: _tiles(grid, len(prompts))[:n] for name, grid in networks.items()}
+    side = next(iter(columns.values()))[0].width
+    scale = max(1, -(-TILE // side))  # ceil: 32 px -> 4x
+    size, gap, text_w, head = side * scale, 8, 330, 28
+    try:
+        font = ImageFont.load_default(size=15)
+    except TypeError:  # Pillow without FreeType: the small bitmap font
+        font = ImageFont.load_default()
+    width = text_w + len(columns) * (size + gap)
+    image = Image.new("RGB", (width, head + n * (size + gap)), "white")
+    draw = ImageDraw.Draw(image)
+    for j, name in enumerate(columns):
+        draw.text((text_w + j * (size + gap), 6), name, fill="black", font=font)
+    for i in range(n):
+        y = head + i * (size + gap)
+        lines, line = [], ""
+        for word in prompts[i].split():  # wrap the prompt to the text column
+            if line and draw.textlength(f"{line} {word}", font=font) > text_w - 16:
+                lines.append(line)
+                line = word
+            else:
+                line = f"{line} {word}".strip()
+        draw.multiline_text((4, y + 4), "\n".join([*lines, line]), fill="black", font=font)
+        for j, tiles in enumerate(columns.values()):
+            big = tiles[i].resize((size, size), Image.Resampling.NEAREST)
+            image.paste(big, (text_w + j * (size + gap), y))
+    image.save(path)
+
+
+def _distilled(run: Path) -> dict | None:
+    """The run's distillation (RUN/distilled/metrics.json and config.json), if finished."""
+    folder = run / "distilled"
+    if not (folder / "metrics.json").is_file():
+        return None
+    metrics = json.loads((folder / "metrics.json").read_text())
+    metrics["config"] = json.loads((folder / "config.json").read_text())
+    return metrics
+
+
 def write_report(run: str | Path) -> Path:
     run = Path(run)
     history, result = _load(run)
@@ -153,23 +220,68 @@ def write_report(run: str | Path) -> Path:
     has_values = _values(history, slots, run / "values.png")
     if result:
         _stages(result, run / "stages.png")
-    (run / "report.html").write_text(_html(run, history, result, has_values))
+    distilled = _distilled(run)
+    networks = {n: run / f"grid_{n}.png" for n in ("original", "found")}
+    networks["distilled"] = run / "distilled" / "grid_distilled.png"
+    networks["teacher"] = run / "distilled" / "grid_teacher.png"
+    networks = {n: p for n, p in networks.items() if p.is_file()}
+    comparison = bool(result.get("prompts")) and "found" in networks
+    if comparison:
+        _comparison(run, result["prompts"], networks, run / "comparison.png")
+    (run / "report.html").write_text(_html(run, history, result, has_values, distilled, comparison))
     return run / "report.html"
 
 
-def _html(run, history, result, has_values) -> str:
-    e = html.escape
+def _distilled_rows(result: dict, d: dict) -> tuple[str, str]:
+    """Table cells of the distilled network, and the rows only a distillation has."""
+    clip, ms = d["clip"], d.get("measured_ms", {})
+    default_teacher = d["config"]["teacher"] == "supernet (full network)"  # nas.distill's
+    held = "held_out" in clip["after"]
+    cells = {
+        "latency": f"{result['latency_ms']:.2f} ms (same architecture)",
+        "clip": f"{clip['after']['search']:.2f}",
+        "params": f"{d['params']['student'] / 1e6:.2f}M",
+    }
     rows = ""
+    if held:
+        teacher = f"{clip['teacher']['held_out']:.2f}" if default_teacher else "-"
+        rows += (
+            f"<tr><td>CLIP, held-out prompts</td><td>{teacher}</td>"
+            f"<td>{clip['before']['held_out']:.2f}</td><td>{clip['after']['held_out']:.2f}</td>"
+            "</tr>"
+        )
+    if ms:
+        rows += (
+            f"<tr><td>measured latency ({html.escape(ms['device'])}, torch, this machine)</td>"
+            f"<td>{ms['teacher']:.2f} ms</td><td>{ms['student']:.2f} ms</td>"
+            f"<td>{ms['student']:.2f} ms</td></tr>"
+        )
+    if not default_teacher:
+        rows += (
+            f"<tr><td>teacher {html.escape(d['config']['teacher'])}</td>"
+            f"<td colspan=3>CLIP {clip['teacher']['search']:.2f}</td></tr>"
+        )
+    return cells, rows
+
+
+def _html(run, history, result, has_values, distilled=None, comparison=False) -> str:
+    e = html.escape
+    rows, head = "", "<th></th><th>original</th><th>found</th>"
     if result:
         speedup = result["original_ms"] / result["latency_ms"]
+        cells, extra = {}, ""
+        if distilled is not None:
+            cells, extra = _distilled_rows(result, distilled)
+            head += "<th>distilled</th>"
+        d = {k: f"<td>{v}</td>" for k, v in cells.items()}
         rows = (
             f"<tr><td>predicted latency</td><td>{result['original_ms']:.2f} ms</td>"
             f"<td>{result['latency_ms']:.2f} ms ({speedup:.2f}× faster; target "
-            f"{result['target_ms']:.2f} ms)</td></tr>"
+            f"{result['target_ms']:.2f} ms)</td>{d.get('latency', '')}</tr>"
             f"<tr><td>CLIP score (final weights)</td><td>{result['original_clip']:.2f}</td>"
-            f"<td>{result['clip']:.2f}</td></tr>"
+            f"<td>{result['clip']:.2f}</td>{d.get('clip', '')}</tr>"
             f"<tr><td>parameters</td><td>{result['params']['original'] / 1e6:.2f}M</td>"
-            f"<td>{result['params']['found'] / 1e6:.2f}M</td></tr>"
+            f"<td>{result['params']['found'] / 1e6:.2f}M</td>{d.get('params', '')}</tr>{extra}"
         )
     its = "".join(
         f"<tr><td>{h['iteration']}</td><td>{h['latency_ms']:.2f}</td><td>{h['clip']:.2f}</td>"
@@ -178,7 +290,13 @@ def _html(run, history, result, has_values) -> str:
         for h in history
     )
     grids = ""
-    if (run / "grid_original.png").exists():
+    if comparison:
+        grids = (
+            "<h2>Same prompts, same noises</h2><p><small>Each row: one prompt of the search's "
+            "protocol, one initial noise, through each network.</small></p>"
+            "<img src=comparison.png>"
+        )
+    elif (run / "grid_original.png").exists():
         prompts = "".join(f"<li>{e(p)}</li>" for p in result.get("prompts", []))
         grids = (
             "<h2>Same prompts, same noises</h2><div class=row>"
@@ -203,10 +321,10 @@ def _html(run, history, result, has_values) -> str:
     return f"""<!doctype html><html><head><meta charset=utf-8><title>diffnas run {e(run.name)}
 </title><style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}}
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px}}
-img{{max-width:100%}}.px{{image-rendering:pixelated;width:460px}}.row{{display:flex;gap:1em}}
+img{{max-width:100%}}img[src="comparison.png"]{{max-width:none}}.px{{image-rendering:pixelated;width:460px}}.row{{display:flex;gap:1em}}
 figure{{margin:0}}</style></head><body>
 <h1>diffnas run <code>{e(run.name)}</code></h1>
-<table><tr><th></th><th>original</th><th>found</th></tr>{rows}</table>
+<table><tr>{head}</tr>{rows}</table>
 {weights_note}<h2>Evolution</h2><img src=progress.png><img src=architecture.png>
 <table><tr><th>iteration</th><th>ms</th><th>CLIP</th><th>decision</th><th>applied</th>
 <th>time</th></tr>{its}</table>

@@ -152,6 +152,30 @@ class TrainConfig:
             )
 
 
+class Objective:
+    """What a training step minimises, given the noisy batch: here the denoising loss of robust
+    training. A subclass (distillation: `nas.distill.Distillation`) computes other terms from
+    the same inputs and returns them by name beside the total, which the loop records.
+    """
+
+    name = "robust training"  # the progress bar's label
+
+    def __call__(
+        self,
+        runner: torch.nn.Module,
+        noisy: torch.Tensor,
+        t: torch.Tensor,
+        cond: torch.Tensor,
+        target: torch.Tensor,
+        scheduler: DDPMScheduler,
+        config: TrainConfig,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss to minimise, {term: its value}) of one step; `runner` is the model as trained
+        (DDP-wrapped on a data-parallel worker)."""
+        pred = runner(noisy, t, encoder_hidden_states=cond).sample
+        return _loss(pred, target, t, scheduler, config), {}
+
+
 @dataclass
 class TrainResult:
     losses: list[float]  # loss of every step from step 0 (a resumed run includes the earlier)
@@ -161,6 +185,7 @@ class TrainResult:
     checkpoint: Path | None = None  # the checkpoint folder written last, if any
     ema: Any = None  # the EMAModel when config.ema_decay is set (ema.copy_to(model.parameters()))
     config: TrainConfig = field(default_factory=TrainConfig)
+    terms: dict[str, list[float]] = field(default_factory=dict)  # the objective's terms per step
 
 
 @dataclass
@@ -362,10 +387,11 @@ def _iterable_batches(
         yield _collate([next(it) for _ in range(batch_size)][shard])
 
 
-def _check_batch(model: ElasticUNet, x: torch.Tensor, cond: torch.Tensor, encoded: bool) -> None:
+def _check_batch(model: torch.nn.Module, x: torch.Tensor, cond: torch.Tensor, encoded: bool):
     """Clear errors for data that does not fit the UNet (an image instead of a latent, ...)."""
-    config = model.unet.config
-    latent = (config.in_channels, *model.space.latent[1:])
+    config = _unet(model).config
+    space = getattr(model, "space", None)
+    latent = (config.in_channels, *space.latent[1:]) if space else f"({config.in_channels}, H, W)"
     hint = (
         "check the encoder's output"
         if encoded
@@ -412,8 +438,13 @@ def _make_ema(model: ElasticUNet, decay: float):
     return EMAModel(model.parameters(), decay=decay, foreach=True)
 
 
+def _unet(model: torch.nn.Module):
+    """The diffusers UNet a model runs: an ElasticUNet's, or the model itself."""
+    return model.unet if isinstance(model, ElasticUNet) else model
+
+
 def train(
-    model: ElasticUNet,
+    model: ElasticUNet | torch.nn.Module,
     data,
     config: TrainConfig | None = None,
     out_dir: str | Path | None = None,
@@ -422,6 +453,7 @@ def train(
     progress: bool = True,
     uncond: torch.Tensor | None = None,
     parallel: Parallel | None = None,
+    objective: Objective | None = None,
 ) -> TrainResult:
     """Train `model` robustly on `data` (items (latent, context), or raw items for `encode`).
 
@@ -431,7 +463,13 @@ def train(
     folder). `uncond` is the unconditional context for CFG dropout; default:
     `encode.unconditional()` if the encoder has one, else zeros. `parallel` makes this call one
     worker of a data-parallel run: checkpoints then go through `parallel.checkpoint`.
+
+    `model` is an ElasticUNet (robust training: its blocks skipped at random), or any diffusers
+    UNet with `save_pretrained` / `from_pretrained` (a standalone network: nothing skipped).
+    `objective` is what a step minimises (default: the denoising loss).
     """
+    objective = objective or Objective()
+    elastic = isinstance(model, ElasticUNet)
     config = config or TrainConfig()
     config.check()
     device = _device(config)
@@ -465,13 +503,16 @@ def train(
     cfg_gen = torch.Generator().manual_seed(_seed(config.seed, CFG))
     noise_gen = torch.Generator().manual_seed(_seed(config.seed, NOISE))
     losses: list[float] = []
+    terms: dict[str, list[float]] = {}
     skips: Counter[tuple[str, int]] = Counter()
     start = 0
     if state is None:
         torch.manual_seed(config.seed)  # any randomness inside the model (dropout) is seeded too
-        model.skip_generator.manual_seed(_seed(config.seed, SKIP))
+        if elastic:
+            model.skip_generator.manual_seed(_seed(config.seed, SKIP))
     else:
         start, losses = state["step"], list(state["losses"])
+        terms = {k: list(v) for k, v in state.get("terms", {}).items()}
         skips.update({(s, i): n for s, i, n in state["skip_counts"]})
         optimizer.load_state_dict(state["optimizer"])
         for group in optimizer.param_groups:  # this run's lr / decay win over the saved ones
@@ -493,7 +534,8 @@ def train(
             torch.cuda.set_rng_state_all(rng["cuda"])
         cfg_gen.set_state(rng["cfg"])
         noise_gen.set_state(rng["noise"])
-        model.skip_generator.set_state(rng["skip"])
+        if elastic:
+            model.skip_generator.set_state(rng["skip"])
 
     # the schedule is a function of the step: a resumed run picks it up at `start`
     lr_schedule = get_scheduler(
@@ -528,6 +570,7 @@ def train(
                 config,
                 step=step,
                 losses=losses,
+                terms=terms,
                 skips=skips,
                 optimizer=optimizer,
                 scaler=scaler if fp16 else None,
@@ -551,7 +594,7 @@ def train(
         total=config.steps,
         initial=start,
         disable=not progress or (parallel is not None and parallel.rank != 0),
-        desc="robust training",
+        desc=objective.name,
         unit="step",
     )
     step = start
@@ -576,14 +619,15 @@ def train(
                 if config.prediction_type == "epsilon"
                 else scheduler.get_velocity(x, noise, t)
             )
-            model.robust = step > config.skip_warmup_steps
+            if elastic:
+                model.robust = step > config.skip_warmup_steps
             with autocast:
-                pred = runner(noisy, t, encoder_hidden_states=cond).sample
-            loss = _loss(pred, target, t, scheduler, config)
+                loss, parts = objective(runner, noisy, t, cond, target, scheduler, config)
             batch_loss = loss.detach()
+            skipped = model.last_skipped if elastic else []
             if parallel is not None and parallel.world_size > 1:
                 # the mean of equal shards' means: the whole batch's loss
-                batch_loss = _batch_loss_over_workers(batch_loss, model.last_skipped)
+                batch_loss = _batch_loss_over_workers(batch_loss, skipped)
 
             optimizer.zero_grad(set_to_none=True)  # skipped blocks get no grad, no update
             scaler.scale(loss).backward()
@@ -597,10 +641,10 @@ def train(
                 ema.step(model.parameters())
 
             losses.append(batch_loss.item())
-            skips.update(model.last_skipped)
-            bar.set_postfix(
-                loss=f"{losses[-1]:.4f}", skipped=len(model.last_skipped), refresh=False
-            )
+            for name, value in parts.items():
+                terms.setdefault(name, []).append(float(value))
+            skips.update(skipped)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", skipped=len(skipped), refresh=False)
             bar.update(1)
             every = config.checkpoint_every
             if checkpoints and every and step % every == 0:
@@ -612,7 +656,8 @@ def train(
     finally:
         bar.close()
         model.train(was_training)
-        model.robust = True
+        if elastic:
+            model.robust = True
 
     return TrainResult(
         losses=losses,
@@ -622,6 +667,7 @@ def train(
         checkpoint=checkpoint,
         ema=ema,
         config=config,
+        terms=terms,
     )
 
 
@@ -710,11 +756,12 @@ def _cfg_dropout(
 
 def _save_checkpoint(
     folder: Path,
-    model: ElasticUNet,
+    model: torch.nn.Module,
     config: TrainConfig,
     *,
     step: int,
     losses: list[float],
+    terms: dict[str, list[float]],
     skips: Counter,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler | None,
@@ -729,6 +776,7 @@ def _save_checkpoint(
         "format": 1,
         "step": step,
         "losses": list(losses),
+        "terms": {k: list(v) for k, v in terms.items()},
         "skip_counts": [[s, i, n] for (s, i), n in sorted(skips.items())],
         "config": asdict(config),
         "optimizer": optimizer.state_dict(),
@@ -737,7 +785,7 @@ def _save_checkpoint(
         "rng": {
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "skip": model.skip_generator.get_state(),
+            "skip": model.skip_generator.get_state() if isinstance(model, ElasticUNet) else None,
             # the data order is a function of (seed, step): this is all of its state
             "data": {"seed": config.seed, "step": step},
             **rng,
@@ -769,7 +817,7 @@ _RUN_FIELDS = (
 )
 
 
-def _load_checkpoint(model: ElasticUNet, folder: Path, config: TrainConfig) -> dict:
+def _load_checkpoint(model: torch.nn.Module, folder: Path, config: TrainConfig) -> dict:
     """Load the checkpoint's weights into `model` (same parameters, in the same order, as the
     optimizer state expects) and return the rest of the state."""
     state = torch.load(folder / STATE_NAME, map_location="cpu", weights_only=True)
@@ -780,8 +828,11 @@ def _load_checkpoint(model: ElasticUNet, folder: Path, config: TrainConfig) -> d
     ]
     if changed:
         log.warning("resuming with a changed config (%s)", "; ".join(changed))
-    saved = ElasticUNet.from_pretrained(folder / "model")
-    model.set_architecture(saved.architecture)
+    if isinstance(model, ElasticUNet):
+        saved = ElasticUNet.from_pretrained(folder / "model")
+        model.set_architecture(saved.architecture)
+    else:  # a standalone network saves and loads itself (e.g. SearchedUNet2DConditionModel)
+        saved = type(model).from_pretrained(folder / "model")
     ours, theirs = model.state_dict(), saved.state_dict()
     if ours.keys() != theirs.keys():
         diff = sorted(set(ours) ^ set(theirs))
@@ -804,4 +855,4 @@ def _save_ema(model: ElasticUNet, ema, folder: Path) -> None:
         ema.restore(model.parameters())
 
 
-__all__ = ["LatentEncoder", "Parallel", "TrainConfig", "TrainResult", "train"]
+__all__ = ["LatentEncoder", "Objective", "Parallel", "TrainConfig", "TrainResult", "train"]
