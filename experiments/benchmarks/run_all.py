@@ -10,7 +10,7 @@ Two profiles (--profile):
 
     quick  `make bench`: the six benchmarks of the method (tiny world, supernet overhead,
            latency accuracy, latency transfer, search fidelity, Ray scaling) with fewer
-           repeats: about 14 minutes on 2 CPU cores once the tiny world is cached (the first
+           repeats: about 32 minutes on 2 CPU cores once the tiny world is cached (the first
            script builds it otherwise: +8 min). The README's results are this profile's.
     full   `make bench-full`: every script with more repeats (mostly its own defaults;
            latency accuracy in the paired protocol), plus the evaluation-cost and strategy
