@@ -119,7 +119,8 @@ def workdir(tmp_path, cache, monkeypatch):
 def test_howto_search_for_a_new_latency_target(workdir, capsys, monkeypatch):
     # 1. copy the tiny experiment, set its name
     tiny_experiment(workdir / "fast.yaml", name="fast")
-    search = "diffnas search fast.yaml --target-ratio 0.4"
+    # 0.5, not nearer the smallest reachable ratio (0.38-0.42 here, with the machine's noise)
+    search = "diffnas search fast.yaml --target-ratio 0.5"
 
     # 2. the search, stopped by Ctrl-C after its first iteration
     real = RunDir.save_iteration
@@ -144,7 +145,7 @@ def test_howto_search_for_a_new_latency_target(workdir, capsys, monkeypatch):
     assert "iteration 0:" not in text and "iteration 1:" in text
     history = RunDir(run).history()
     assert [h["iteration"] for h in history] == list(range(len(history)))
-    assert history[0]["target_ms"] == pytest.approx(0.4 * history[0]["latency_ms"], rel=1e-3)
+    assert history[0]["target_ms"] == pytest.approx(0.5 * history[0]["latency_ms"], rel=1e-3)
     # on a finished run it prints the result again
     code, again = diffnas(f"{search} --resume runs/fast", capsys=capsys)
     assert code == 0 and found(again) == (arch_hash, latency, target)
@@ -153,7 +154,7 @@ def test_howto_search_for_a_new_latency_target(workdir, capsys, monkeypatch):
     # 3. the report
     assert "report: runs/fast/report.html" in text
     html = (run / "report.html").read_text()
-    for picture in ("progress.png", "values.png", "architecture.png", "grid_found.png"):
+    for picture in ("progress.png", "values.png", "architecture.png", "comparison.png"):
         assert picture in html and (run / picture).is_file()
     # the summary's CLIP uses the last weights, the iterations' their own: the page says so
     assert "CLIP score (final weights)" in html and "which trained them for 1 step before" in html
