@@ -27,7 +27,7 @@ app.add_typer(latency_app, name="latency")
 
 
 def _network_timer(space, backend):
-    from .measure import NetworkTimer
+    from nas.search.measure import NetworkTimer
 
     return NetworkTimer(space, backend)
 
@@ -69,8 +69,8 @@ def search_cmd(
 ) -> None:
     """Evolve the architecture to a latency target (or, with --strategy optuna, search it with
     an Optuna study); write runs/<name>/ and its report."""
-    from .experiment import load_experiment
-    from .search import run_search
+    from nas.experiment import load_experiment
+    from nas.search.run import run_search
 
     if target_ms is not None and target_ratio is not None:
         raise UserError("give --target-ms or --target-ratio, not both")
@@ -86,7 +86,7 @@ def search_cmd(
         **{"ray.workers": workers, "ray.address": ray_address, "ray.gpus": gpus},
     )
     if strategy == "optuna":
-        from .optuna_search import run_optuna
+        from nas.search.optuna import run_optuna
 
         result = run_optuna(exp, trials, runs=runs, name=name, resume=resume, storage=storage)
         typer.echo(
@@ -126,8 +126,8 @@ def sweep_cmd(
 ) -> None:
     """One evolution per (target, seed) as Ray Tune trials; a results table and a Pareto plot
     of predicted latency vs CLIP in runs/<name>/."""
-    from .experiment import load_experiment
-    from .sweep import local_cpus, run_sweep
+    from nas.experiment import load_experiment
+    from nas.search.sweep import local_cpus, run_sweep
 
     if resume is None and targets is None:
         raise UserError("--targets is required (e.g. --targets 0.7,0.5,0.3), unless --resume")
@@ -149,7 +149,7 @@ def sweep_cmd(
 @app.command("report")
 def report_cmd(run: Path = typer.Argument(..., help="A run directory (runs/<name>).")) -> None:
     """Write runs/<name>/report.html with its pictures."""
-    from .report import write_report
+    from nas.search.report import write_report
 
     typer.echo(f"wrote {write_report(run)}")
 
@@ -164,7 +164,7 @@ THREADS_HELP = "torch CPU threads (default: torch's choice)."
 
 
 def _open_world(config_file: Path | None, threads: int | None, rebuild: bool = False):
-    from .world import TinyWorldConfig, load_tiny_world
+    from nas.worlds.tiny import TinyWorldConfig, load_tiny_world
 
     if threads is not None:
         if threads < 1:
@@ -215,10 +215,9 @@ def generate_cmd(
 ) -> None:
     """Generate images in the tiny world with DDIM + CFG and write them as a grid (the world
     is built on first use: a few minutes)."""
+    from nas.worlds.generate import check_eta
+    from nas.worlds.tiny import write_grid
     from search_spaces import Architecture
-
-    from .generate import check_eta
-    from .world import write_grid
 
     if n < 1 or scale < 1:
         raise UserError("--n and --scale must be at least 1")
@@ -276,8 +275,8 @@ def train_cmd(
 ) -> None:
     """Robustly train a world's supernet (DDP on Ray Train with --workers N) and save it
     into --out (ElasticUNet.from_pretrained(out)). See docs/distributed.md."""
-    from .train import TrainConfig
-    from .train_ray import check_train_args, train_supernet
+    from nas.training.ray import check_train_args, train_supernet
+    from nas.training.robust import TrainConfig
 
     if (experiment is None) == (world is None):
         raise UserError("give an experiment file or --world tiny (one of them)")
@@ -292,10 +291,9 @@ def train_cmd(
     TrainConfig(**schedule).check()
     overrides |= schedule
     if experiment is not None:
+        from nas.experiment import load_experiment
+        from nas.search.run import open_world
         from search_spaces import load_space
-
-        from .experiment import load_experiment
-        from .search import open_world
 
         if world_config is not None:
             raise UserError("--world-config goes with --world; the experiment names its world")
@@ -350,15 +348,15 @@ def distill_cmd(
     RUN/distilled/ (docs/distill.md)."""
     import yaml
 
-    from .distill_config import DistillConfig
-    from .experiment import Experiment
+    from nas.distill_config import DistillConfig
+    from nas.experiment import Experiment
 
     overrides = dict(steps=steps, batch_size=batch_size, lr=lr, device=device)
     overrides |= dict(
         task_weight=task_weight, output_weight=output_weight, feature_weight=feature_weight
     )
     DistillConfig().with_overrides(**overrides)  # bad flags fail before anything loads
-    from .distill import check_finished, distill
+    from nas.deploy.distill import check_finished, distill
 
     check_finished(run)
     exp = Experiment.model_validate(yaml.safe_load((run / "experiment.yaml").read_text()))
@@ -383,7 +381,7 @@ def export_cmd(
     force: bool = typer.Option(False, "--force", help="Replace what --out holds."),
 ) -> None:
     """Write the found (or distilled) network as a model that loads without diffnas."""
-    from .standalone import check_format, export_network
+    from nas.deploy.export import check_format, export_network
 
     check_format(fmt)  # before anything loads
     path, info = export_network(run, fmt, distilled=distilled, out=out, force=force)

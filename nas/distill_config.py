@@ -1,6 +1,6 @@
 """`DistillConfig`: how `diffnas distill` trains a found network from a teacher.
 
-Kept apart from `nas.distill` (torch, diffusers) so that the experiment file can validate its
+Kept apart from `nas.deploy.distill` (torch, diffusers) so that the experiment file can validate its
 `distill:` section without loading them.
 """
 

@@ -14,9 +14,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from nas.distill_config import DistillConfig
 from search_spaces import UserError
-
-from .distill_config import DistillConfig
 
 
 class _Strict(BaseModel):
@@ -28,7 +27,7 @@ class WorldSpec(_Strict):
     miniature: bool = False  # tiny only: a few-step world, for tests
     # tiny only: JSON file of TinyWorldConfig fields (as `diffnas world build --world-config`)
     world_config: str | None = None
-    # -- stable_diffusion (nas/sd_world.py): local files, nothing is downloaded --
+    # -- stable_diffusion (nas/worlds/sd.py): local files, nothing is downloaded --
     data_dir: str = "."  # folder the relative paths below are read from (relative to the cwd)
     pipeline: str | None = None  # local diffusers pipeline folder (unet/, vae/, text_encoder/...)
     captions: str | None = None  # MS-COCO captions_val2014.json: the validation prompts
@@ -97,7 +96,7 @@ class EvaluationSpec(_Strict):
     steps: int = Field(10, ge=1)  # DDIM steps
     cfg: float = Field(3.0, ge=1)  # classifier-free guidance scale
     batch_size: int = Field(32, ge=1)  # images generated at once
-    # > 0: racing (nas/racing.py): every action scored on this many images first, more images
+    # > 0: racing (nas/search/racing.py): every action scored on this many images first, more images
     # only for the actions near the removal cut; 0: every action on every image
     racing: int = Field(0, ge=0)
     # fp32, or fp16 / bf16 autocast for sampling, decoding and CLIP: fp16 is for GPUs (3.7x

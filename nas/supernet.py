@@ -166,12 +166,6 @@ class ElasticUNet(nn.Module):
         skipped = self._skipped
         return [(i, m) for i, m in enumerate(self.instances(path)) if (path, i) not in skipped]
 
-    def export_coreml(self, arch: Architecture, path: str | Path, **kwargs) -> Path:
-        """Write an `.mlpackage` of the whole UNet of `arch` (see `nas.export.export_coreml`)."""
-        from .export import export_coreml
-
-        return export_coreml(self, arch, path, **kwargs)
-
     # -- save / load ------------------------------------------------------------------------
 
     def save_pretrained(self, folder: str | Path) -> None:

@@ -1,4 +1,4 @@
-"""Distillation and export of a found network, on a miniature search (nas/distill.py)."""
+"""Distillation and export of a found network, on a miniature search (nas/deploy/distill.py)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from nas.cli import main
-from nas.distill import DISTILLED_DIR, distill, load_distilled
+from nas.deploy.distill import DISTILLED_DIR, distill, load_distilled
+from nas.deploy.export import to_standalone
 from nas.distill_config import DistillConfig
 from nas.experiment import load_experiment
-from nas.search import run_search
-from nas.standalone import to_standalone
+from nas.search.run import run_search
 from nas.supernet import ElasticUNet
 from search_spaces import Architecture
 
@@ -115,7 +115,7 @@ def test_export_diffusers_found_and_distilled(run, capsys):
         info = json.loads((folder / "export.json").read_text())
         assert info["network"] == name and "config.json" in {p.name for p in folder.iterdir()}
     distilled, _, _ = load_distilled(run)
-    from nas.searched_unet import SearchedUNet2DConditionModel
+    from nas.deploy.searched_unet import SearchedUNet2DConditionModel
 
     exported_cls = (
         UNet2DConditionModel
@@ -172,7 +172,7 @@ def test_bad_input(run, tmp_path, capsys):
 
 
 def test_export_format_not_installed(run, capsys, monkeypatch):
-    import nas.standalone as standalone
+    import nas.deploy.export as standalone
 
     real = standalone.importlib.util.find_spec
     monkeypatch.setattr(
@@ -200,7 +200,7 @@ def test_export_format_not_installed(run, capsys, monkeypatch):
 def test_export_executorch_runs_as_the_network(run, capsys):
     pytest.importorskip("executorch")
     import latency.executorch as et
-    from nas.standalone import _inputs
+    from nas.deploy.export import _inputs
 
     code, err = cli(["export", str(run), "--format", "executorch"], capsys)
     assert code in (0, None), err
@@ -223,7 +223,7 @@ def test_architecture_of_the_run_is_the_students(run):
 def test_report_shows_the_distilled_network(run):
     from PIL import Image
 
-    from nas.report import write_report
+    from nas.search.report import write_report
 
     page = write_report(run).read_text()
     assert "<th>distilled</th>" in page and "CLIP, held-out prompts" in page

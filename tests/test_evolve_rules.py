@@ -1,4 +1,4 @@
-"""How the evolution picks its removals (nas.evolve._remove), on a synthetic latency table."""
+"""How the evolution picks its removals (nas.search.evolve._remove), on a synthetic latency table."""
 
 import pytest
 from test_latency import DEVICE, measurement
@@ -6,8 +6,8 @@ from test_latency import DEVICE, measurement
 from latency.predict import Predictor
 from latency.signature import signatures
 from latency.table import LatencyTable
-from nas.evaluate import ActionValue
-from nas.evolve import _remove
+from nas.search.evaluate import ActionValue
+from nas.search.evolve import _remove
 from search_spaces import Action, load_space
 
 

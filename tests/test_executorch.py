@@ -1,5 +1,5 @@
 """The ExecuTorch backend (latency/executorch.py, latency/backends/executorch_backend.py) and
-whole-network export (nas/executorch_export.py), run by this machine's real ExecuTorch runtime.
+whole-network export (nas/deploy/executorch.py), run by this machine's real ExecuTorch runtime.
 
 Programs are lowered from tiny random-weight blocks and a micro UNet (a few seconds each);
 outputs are compared with eager torch, never timings. ExecuTorch is the `executorch` extra,
@@ -22,7 +22,7 @@ from latency.backends import get_backend
 from latency.signature import BlockSignature
 from latency.table import LatencyTable
 from nas.cli import main
-from nas.executorch_export import ExecuTorchNetworkTimer, export_executorch
+from nas.deploy.executorch import ExecuTorchNetworkTimer, export_executorch
 from nas.supernet import ElasticUNet
 from search_spaces import UserError, load_space
 from search_spaces.unet import build_unet
@@ -255,7 +255,7 @@ def test_whole_network_program_computes_the_elastic_unet(tmp_path, micro_space):
     assert info["architecture_hash"] == arch.hash and info["attention"] == "classic"
     assert model.architecture == space.original()  # the model's own architecture is restored
 
-    from nas.export import example_inputs
+    from nas.deploy.coreml import example_inputs
 
     inputs = example_inputs(model)
     got = et.load(path).forward(list(inputs))[0]

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from nas.experiment import load_experiment
-from nas.world import TinyWorldConfig
+from nas.worlds.tiny import TinyWorldConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = sorted((ROOT / "experiments").rglob("*.yaml"))

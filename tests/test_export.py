@@ -1,9 +1,9 @@
-"""Core ML export of ElasticUNet architectures (nas/export.py), on the tiny space.
+"""Core ML export of ElasticUNet architectures (nas/deploy/coreml.py), on the tiny space.
 
 Each conversion of the whole tiny UNet takes tens of seconds (coremltools' pass pipeline over
 ~900 ops), so the two packages are converted once per module and every check reads them. The
 `torch.export` program that each conversion started from is kept (by wrapping
-`nas.export.export_program`) and compared against the ElasticUNet itself: the package cannot be
+`nas.deploy.coreml.export_program`) and compared against the ElasticUNet itself: the package cannot be
 run on Linux, but the program it was converted from can.
 """
 
@@ -16,8 +16,8 @@ import sys
 import pytest
 import torch
 
-import nas.export as export_module
-from nas.export import COMPUTE_UNITS, PRECISIONS, export_coreml
+import nas.deploy.coreml as export_module
+from nas.deploy.coreml import COMPUTE_UNITS, PRECISIONS, export_coreml
 from nas.supernet import ElasticUNet
 from search_spaces import Architecture, ArchitectureError, UserError, load_space
 

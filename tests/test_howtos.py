@@ -25,7 +25,7 @@ import yaml
 from test_service_support import Child, ServeChild, cache_unet_parts, cli, free_port, tiny_count
 
 from latency.table import LatencyTable
-from nas.evolve import RunDir
+from nas.search.evolve import RunDir
 from search_spaces import Architecture
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,11 +9,11 @@ import optuna
 import pytest
 
 from nas.cli import main
-from nas.evaluate import Evaluator
 from nas.experiment import load_experiment
-from nas.optuna_search import RUN_FILE, run_optuna
-from nas.search import run_search
-from nas.sweep import pareto_front
+from nas.search.evaluate import Evaluator
+from nas.search.optuna import RUN_FILE, run_optuna
+from nas.search.run import run_search
+from nas.search.sweep import pareto_front
 from search_spaces import Architecture, UserError, load_space
 
 EXPERIMENT = {

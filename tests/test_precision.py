@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from nas.evaluate import Evaluator, Protocol
 from nas.experiment import load_experiment
-from nas.world import TinyWorldConfig, load_tiny_world
+from nas.search.evaluate import Evaluator, Protocol
+from nas.worlds.tiny import TinyWorldConfig, load_tiny_world
 from search_spaces import UserError
 
 

@@ -1,4 +1,4 @@
-"""Racing (nas.racing): same values as plain evaluation where it scores every image; fewer
+"""Racing (nas.search.racing): same values as plain evaluation where it scores every image; fewer
 images spent, all of them on the actions near the cut."""
 
 import pytest
@@ -8,12 +8,12 @@ from latency.backends import get_backend
 from latency.predict import Predictor
 from latency.profile import build_table
 from latency.table import LatencyTable
-from nas.evaluate import Evaluator, Protocol
-from nas.evolve import RunDir
 from nas.experiment import Experiment
-from nas.racing import race
-from nas.search import run_search
-from nas.world import TinyWorldConfig, load_tiny_world
+from nas.search.evaluate import Evaluator, Protocol
+from nas.search.evolve import RunDir
+from nas.search.racing import race
+from nas.search.run import run_search
+from nas.worlds.tiny import TinyWorldConfig, load_tiny_world
 from search_spaces import UserError
 
 

@@ -1,4 +1,4 @@
-"""Action evaluation on Ray (nas.distributed): equal to in-process evaluation, actors that die
+"""Action evaluation on Ray (nas.search.ray): equal to in-process evaluation, actors that die
 are restarted, a two-node cluster on loopback, and every bad input refused within seconds.
 
 The loopback cluster test comes first, while this process is connected to no Ray; then one
@@ -30,10 +30,11 @@ from latency.predict import Predictor  # noqa: E402
 from latency.profile import build_table  # noqa: E402
 from latency.table import LatencyTable  # noqa: E402
 from nas.cli import main  # noqa: E402
-from nas.distributed import RayCluster, RayEvaluator, parse_address, probe  # noqa: E402
-from nas.evolve import RunDir  # noqa: E402
+from nas.cluster import RayCluster, parse_address, probe  # noqa: E402
 from nas.experiment import Experiment, RaySpec, load_experiment  # noqa: E402
-from nas.search import (  # noqa: E402
+from nas.search.evolve import RunDir  # noqa: E402
+from nas.search.ray import RayEvaluator  # noqa: E402
+from nas.search.run import (  # noqa: E402
     experiment_space,
     make_evaluator,
     open_evaluator,

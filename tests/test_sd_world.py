@@ -1,4 +1,4 @@
-"""The Stable Diffusion world (nas/sd_world.py) and the paper's experiment file.
+"""The Stable Diffusion world (nas/worlds/sd.py) and the paper's experiment file.
 
 Nothing here is downloaded: the tests write a diffusers pipeline folder with
 `StableDiffusionPipeline.save_pretrained` (a small random VAE, text encoder and tokenizer made
@@ -26,10 +26,10 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from latency.signature import unet_parts
 from nas.cli import main
-from nas.evolve import RunDir
 from nas.experiment import load_experiment
-from nas.sd_world import load_sd_world, read_val_prompts, world_space
-from nas.search import experiment_space, run_search
+from nas.search.evolve import RunDir
+from nas.search.run import experiment_space, run_search
+from nas.worlds.sd import load_sd_world, read_val_prompts, world_space
 from search_spaces import UserError, load_space
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,10 +10,10 @@ import pytest
 from pydantic import ValidationError
 
 from nas import shapes
-from nas.evolve import RunDir
 from nas.experiment import Experiment, load_experiment
-from nas.search import held_out_prompts, open_world, run_search, search_prompts
-from nas.world import TinyWorldConfig
+from nas.search.evolve import RunDir
+from nas.search.run import held_out_prompts, open_world, run_search, search_prompts
+from nas.worlds.tiny import TinyWorldConfig
 from search_spaces import Architecture, UserError, load_space
 
 FIDELITY = Path(__file__).parents[1] / "experiments" / "benchmarks" / "search_fidelity.py"

@@ -1,4 +1,4 @@
-"""Robust training (nas.train) on the tiny space with random data: a few steps per test."""
+"""Robust training (nas.training.robust) on the tiny space with random data: a few steps per test."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from nas.supernet import ElasticUNet, SkipConfig
-from nas.train import LatentEncoder, TrainConfig, _timesteps, train
+from nas.training.robust import LatentEncoder, TrainConfig, _timesteps, train
 from search_spaces import UserError, load_space
 
 LATENT = (12, 16, 16)
@@ -243,7 +243,7 @@ def test_cfg_dropout_zero_feeds_the_data_and_default_uncond_is_zeros(space, data
     train(model, Iterable(data), config(steps=1, cfg_dropout=0.0), progress=False)
     assert torch.equal(seen[0], torch.stack([data[i][1] for i in range(4)]))  # in order
 
-    from nas.train import _cfg_dropout
+    from nas.training.robust import _cfg_dropout
 
     cond = torch.randn(64, *CONTEXT)
     out = _cfg_dropout(cond, None, 0.5, torch.Generator().manual_seed(0))

@@ -1,4 +1,4 @@
-"""Data-parallel robust training on Ray Train (nas.train_ray): two CPU workers on loopback.
+"""Data-parallel robust training on Ray Train (nas.training.ray): two CPU workers on loopback.
 
 What makes two workers equal one process with the combined batch: every worker draws the same
 data order, noise, timesteps, CFG drops and skips and trains on its half of the batch; DDP
@@ -22,8 +22,8 @@ from torch.utils.data import TensorDataset
 
 from nas.cli import main
 from nas.supernet import ElasticUNet, SkipConfig
-from nas.train import TrainConfig
-from nas.train_ray import latest_checkpoint, train_ray
+from nas.training.ray import latest_checkpoint, train_ray
+from nas.training.robust import TrainConfig
 from search_spaces import UserError, load_space
 
 LATENT = (12, 16, 16)
@@ -81,7 +81,7 @@ def relative_difference(a: torch.Tensor, b: torch.Tensor, start: torch.Tensor) -
 def write_world_config(tmp_path) -> Path:
     """A miniature tiny world (builds in seconds) whose supernet skips ~5 of its 15 removable
     blocks a step and keeps an EMA: the parts of a step that data parallelism must not change."""
-    from nas.world import TinyWorldConfig
+    from nas.worlds.tiny import TinyWorldConfig
 
     config = asdict(TinyWorldConfig.miniature()) | {"skip_p": 0.3, "ema_decay": 0.9}
     path = tmp_path / "world.json"
@@ -90,7 +90,7 @@ def write_world_config(tmp_path) -> Path:
 
 
 def world_supernet(world_config: Path) -> ElasticUNet:
-    from nas.world import TinyWorldConfig, load_tiny_world
+    from nas.worlds.tiny import TinyWorldConfig, load_tiny_world
 
     return load_tiny_world(TinyWorldConfig.from_json(world_config), progress=False).supernet
 

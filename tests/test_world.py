@@ -19,9 +19,9 @@ from PIL import Image
 
 from nas import shapes
 from nas.cli import main
-from nas.clip import ClipScorer, clip_score, retrieval_top1
-from nas.generate import generate, initial_noise, step_noise_generator
-from nas.world import (
+from nas.worlds.clip import ClipScorer, clip_score, retrieval_top1
+from nas.worlds.generate import generate, initial_noise, step_noise_generator
+from nas.worlds.tiny import (
     _ADDED_FIELDS,
     BUILD_THREADS,
     TinyWorld,
@@ -475,7 +475,7 @@ def test_config_checks_and_files(tmp_path):
 
 
 def test_unet_training_fields_reach_the_trainer(world):
-    from nas.world import _unet_train_config
+    from nas.worlds.tiny import _unet_train_config
 
     config = replace(MINI, unet_lr_scheduler="cosine", unet_warmup_steps=5, unet_snr_gamma=5.0)
     train_config = _unet_train_config(replace(config, unet_skip_warmup_steps=7))

@@ -3,7 +3,7 @@
 On the tiny world, for the network that `experiments/tiny.yaml` finds at 0.5x latency (a
 finished run given with --run, or searched here), side by side, at the same step budget and
 seed, each scored on the search's protocol and on a larger held-out one (the validation
-prompts after the search's, `nas.search.held_out_prompts`, several noises each):
+prompts after the search's, `nas.search.run.held_out_prompts`, several noises each):
 
 - ablation: no training / task loss only / + output KD / + feature KD (the full loss);
 - the same full distillation of a hand-designed network: of the BK-SDM designs translated to
@@ -33,11 +33,11 @@ from provenance import provenance
 
 from latency.predict import Predictor
 from latency.table import LatencyTable
-from nas.distill import distill, measure_ms
+from nas.deploy.distill import distill, measure_ms
+from nas.deploy.export import export_network, to_standalone
+from nas.deploy.searched_unet import SearchedUNet2DConditionModel
 from nas.experiment import load_experiment
-from nas.search import latency_db, run_search
-from nas.searched_unet import SearchedUNet2DConditionModel
-from nas.standalone import export_network, to_standalone
+from nas.search.run import latency_db, run_search
 from nas.supernet import ElasticUNet
 from search_spaces import Architecture, SearchSpace
 

@@ -12,7 +12,7 @@ evolution iteration evaluates), side by side in one run:
    prompts and other noises than the protocol's (a reference that shared them would agree
    with it for free); the smallest protocol with τ >= --tau against both is the cheapest
    honest one; also the standard error of each ΔCLIP;
-3. racing (`nas.racing.race`: all actions on a few images, more only near the cut) on all
+3. racing (`nas.search.racing.race`: all actions on a few images, more only near the cut) on all
    images at the search's step count: does it pick the same `group_size` removals as every
    action on every image, at what share of the cost;
 4. time per action, and each cost relative to the paper's protocol (2000 prompts x 50
@@ -36,10 +36,10 @@ from scipy.stats import kendalltau
 from tqdm import tqdm
 
 from latency.predict import Predictor
-from nas.evaluate import Evaluator, Protocol, action_value
 from nas.experiment import load_experiment
-from nas.racing import race
-from nas.search import latency_table, open_world
+from nas.search.evaluate import Evaluator, Protocol, action_value
+from nas.search.racing import race
+from nas.search.run import latency_table, open_world
 from search_spaces import load_space
 
 RESULTS = Path(__file__).parent / "results"

@@ -43,7 +43,7 @@ from latency.predict import Predictor
 from latency.profile import build_table
 from latency.table import LatencyTable
 from latency.validate import accuracy, scatter_plot, validate
-from nas.measure import NetworkTimer
+from nas.search.measure import NetworkTimer
 from search_spaces import load_space
 
 RESULTS = Path(__file__).parent / "results"

@@ -44,7 +44,7 @@ from latency.profile import build_table
 from latency.signature import signatures
 from latency.table import LatencyTable
 from latency.validate import accuracy, random_archs
-from nas.executorch_export import ExecuTorchNetworkTimer
+from nas.deploy.executorch import ExecuTorchNetworkTimer
 from search_spaces import load_space
 
 sys.path.insert(0, str(Path(__file__).parent))

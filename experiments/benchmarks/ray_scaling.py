@@ -45,9 +45,10 @@ import torch
 from provenance import provenance
 
 from latency.predict import Predictor
-from nas.distributed import RayCluster, RayEvaluator
+from nas.cluster import RayCluster
 from nas.experiment import RaySpec, load_experiment
-from nas.search import (
+from nas.search.ray import RayEvaluator
+from nas.search.run import (
     experiment_space,
     latency_table,
     make_evaluator,

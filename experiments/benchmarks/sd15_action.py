@@ -2,7 +2,7 @@
 
 The paper scores each action on 2K MS-COCO prompts, 50 DDIM steps, CFG 7.5, 512 px, with a
 ViT-g/14 CLIP score, and says that takes "about 2.5 A100 GPU hours". This builds a
-`StableDiffusionWorld` (nas/sd_world.py) with the real parts at their real sizes and random
+`StableDiffusionWorld` (nas/worlds/sd.py) with the real parts at their real sizes and random
 weights (speed does not depend on the weights; nothing is downloaded):
 
     UNet         the sd15 space's UNet2DConditionModel config, wrapped as ElasticUNet
@@ -46,12 +46,12 @@ from provenance import provenance
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from latency.backends.torch_backend import synchronize
-from nas.clip import ClipScorer
-from nas.evaluate import Evaluator, Protocol
-from nas.generate import SD15_SCHEDULER, generate
-from nas.sd_world import StableDiffusionWorld
+from nas.search.evaluate import Evaluator, Protocol
 from nas.supernet import ElasticUNet
-from nas.train import LatentEncoder
+from nas.training.robust import LatentEncoder
+from nas.worlds.clip import ClipScorer
+from nas.worlds.generate import SD15_SCHEDULER, generate
+from nas.worlds.sd import StableDiffusionWorld
 from search_spaces import load_space
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -13,7 +13,7 @@ scores, side by side on one held-out protocol:
 
 Held out means held out: the judging prompts are the world's validation prompts after the
 `evaluation.prompts` the search scored (no scene in common with the search's prompts nor with
-training: `nas.search.held_out_prompts`), with noises the search never drew. Every network is
+training: `nas.search.run.held_out_prompts`), with noises the search never drew. Every network is
 scored twice: with the run's final supernet (fine-tuned along the search's path, so it
 favours the found network) and with the world's untuned supernet. A result holds only if it
 holds on both.
@@ -40,9 +40,9 @@ from provenance import provenance
 
 from latency.predict import Predictor
 from latency.table import LatencyTable
-from nas.evaluate import Evaluator, Protocol
 from nas.experiment import load_experiment
-from nas.search import held_out_prompts, latency_db, open_world, run_search
+from nas.search.evaluate import Evaluator, Protocol
+from nas.search.run import held_out_prompts, latency_db, open_world, run_search
 from nas.supernet import ElasticUNet
 from search_spaces import Architecture, load_space
 
@@ -186,7 +186,7 @@ def judge(exp, run_dir: Path, args) -> dict:
             "cfg": exp.evaluation.cfg,
             "noise_seed": exp.seed + 7919,
             "search_prompts": exp.evaluation.prompts,
-            "held_out": True,  # nas.search.held_out_prompts: disjoint from the search's
+            "held_out": True,  # nas.search.run.held_out_prompts: disjoint from the search's
         },
     }
     for name, model in (("final", final), ("world", world.supernet)):

@@ -34,10 +34,10 @@ from pathlib import Path
 import torch
 from provenance import provenance
 
-from nas.evolve import RunDir
 from nas.experiment import load_experiment
-from nas.optuna_search import run_optuna
-from nas.search import experiment_space, make_evaluator, open_world, run_search
+from nas.search.evolve import RunDir
+from nas.search.optuna import run_optuna
+from nas.search.run import experiment_space, make_evaluator, open_world, run_search
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = Path(__file__).parent / "results"

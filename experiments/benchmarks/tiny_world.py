@@ -38,8 +38,8 @@ from provenance import provenance
 from scipy.stats import spearmanr
 
 from nas import shapes
-from nas.generate import check_eta, initial_noise
-from nas.world import TinyWorldConfig, load_tiny_world
+from nas.worlds.generate import check_eta, initial_noise
+from nas.worlds.tiny import TinyWorldConfig, load_tiny_world
 from search_spaces import UserError
 
 RESULTS = Path(__file__).parent / "results"

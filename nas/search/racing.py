@@ -21,9 +21,8 @@ from dataclasses import dataclass
 import torch
 
 from latency.predict import Predictor
+from nas.search.evaluate import ActionValue, Evaluator, action_value
 from search_spaces import Architecture
-
-from .evaluate import ActionValue, Evaluator, action_value
 
 
 @dataclass

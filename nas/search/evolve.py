@@ -26,12 +26,11 @@ import yaml
 from tqdm.auto import tqdm
 
 from latency.predict import Predictor
+from nas.experiment import Experiment
+from nas.search.evaluate import ActionValue, Evaluator
+from nas.search.racing import race
+from nas.supernet import ElasticUNet
 from search_spaces import Action, Architecture, SearchSpace, UserError
-
-from .evaluate import ActionValue, Evaluator
-from .experiment import Experiment
-from .racing import race
-from .supernet import ElasticUNet
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +158,7 @@ def evolve(
     """Run (or continue) the evolution of `model`'s architecture towards `target_ms`.
 
     `robust_train(model, steps, seed)` trains the supernet in its current architecture (the
-    world knows its data, encoders and loss: see `nas.search`).
+    world knows its data, encoders and loss: see `nas.search.run`).
     """
     space, s = model.space, exp.search
     last, arch = run.load_checkpoint(model)

@@ -52,11 +52,10 @@ from ray.tune.search.optuna import OptunaSearch
 from tqdm.auto import tqdm
 
 from latency.predict import Predictor
+from nas.experiment import Experiment
+from nas.search.evolve import RunDir, SearchResult, resolve_target, smallest_latency
+from nas.search.sweep import absolute_paths, plot_pareto
 from search_spaces import Architecture, SearchSpace, UserError
-
-from .evolve import RunDir, SearchResult, resolve_target, smallest_latency
-from .experiment import Experiment
-from .sweep import absolute_paths, plot_pareto
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +181,7 @@ def run_optuna(
 ) -> SearchResult:
     """Score `trials` architectures of `exp`'s space in an Optuna study (or, with `resume`,
     finish a run that was cut short) and write the run directory."""
-    from .search import experiment_space, latency_table, open_world
+    from nas.search.run import experiment_space, latency_table, open_world
 
     if trials is not None and trials < 1:
         raise UserError(f"--trials {trials}: give at least 1 (architectures to score)")
@@ -272,7 +271,7 @@ def _create_run_dir(run: RunDir, exp, space, table, predictor) -> None:
 
 def _run_here(exp, world, study, study_space: StudySpace, info: dict, done: int, progress):
     """The study in this process: ask, score on the supernet, tell."""
-    from .search import make_evaluator
+    from nas.search.run import make_evaluator
 
     evaluator = make_evaluator(exp, world)
     with tqdm(
@@ -323,7 +322,7 @@ def _score_trial(config: dict, experiment: dict, env: dict[str, str], gpu: bool)
     import torch
     from ray import tune
 
-    from .search import open_evaluator
+    from nas.search.run import open_evaluator
 
     os.environ.update(env)
     if not gpu:
@@ -342,7 +341,7 @@ def _run_on_ray(exp, study, study_space, storage, info, run_path: Path, progress
     """The study's next trials as Ray Tune trials, `exp.ray.workers` at a time."""
     from ray import tune
 
-    from .distributed import ENV_FORWARDED, RayCluster
+    from nas.cluster import ENV_FORWARDED, RayCluster
 
     remaining = info["trials"] - scored_in_run(study, info["run_id"])
     cluster = RayCluster.connect(exp.ray)  # refuses a bad address or too few CPUs/GPUs

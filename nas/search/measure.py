@@ -6,9 +6,8 @@ import torch
 
 from latency.backends.torch_backend import TorchBackend
 from latency.signature import torch_dtype
+from nas.supernet import ElasticUNet
 from search_spaces import Architecture, SearchSpace, UserError
-
-from .supernet import ElasticUNet
 
 
 class NetworkTimer:
@@ -18,7 +17,7 @@ class NetworkTimer:
         if not isinstance(backend, TorchBackend):
             raise UserError(
                 f"whole networks are timed here with the torch backend, not {backend.name!r}; "
-                "for Core ML export the network (ElasticUNet.export_coreml) and time it on a Mac"
+                "for Core ML export the network (`diffnas export RUN --format coreml`) and time it on a Mac"
             )
         backend.test_connection()
         self.backend = backend

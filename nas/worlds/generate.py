@@ -17,9 +17,8 @@ from diffusers import DDIMScheduler
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from nas.supernet import ElasticUNet
 from search_spaces import SearchSpace, UserError
-
-from .supernet import ElasticUNet
 
 # Stable Diffusion v1.5's DDIM settings: the default for a model that says nothing else
 SD15_SCHEDULER: dict = {

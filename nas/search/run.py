@@ -17,13 +17,12 @@ from latency.predict import Predictor
 from latency.profile import build_table
 from latency.signature import unet_parts
 from latency.table import LatencyTable
+from nas.experiment import Experiment
+from nas.search.evaluate import Evaluator, Protocol
+from nas.search.evolve import RunDir, SearchResult, evolve, resolve_target
+from nas.search.report import write_report
+from nas.training.robust import train
 from search_spaces import SearchSpace, UserError, load_space
-
-from .evaluate import Evaluator, Protocol
-from .evolve import RunDir, SearchResult, evolve, resolve_target
-from .experiment import Experiment
-from .report import write_report
-from .train import train
 
 
 def experiment_space(exp: Experiment) -> SearchSpace:
@@ -31,7 +30,7 @@ def experiment_space(exp: Experiment) -> SearchSpace:
     Diffusion world's `resolution`; its files are checked here, before anything costly)."""
     space = load_space(exp.space)
     if exp.world.kind == "stable_diffusion":
-        from .sd_world import world_space
+        from nas.worlds.sd import world_space
 
         space = world_space(exp, space)
     return space
@@ -40,7 +39,7 @@ def experiment_space(exp: Experiment) -> SearchSpace:
 def open_world(exp: Experiment, space: SearchSpace, progress: bool = True):
     """The world the search runs in: supernet, CLIP scorer, prompts, training data."""
     if exp.world.kind == "tiny":
-        from .world import TinyWorldConfig, load_tiny_world
+        from nas.worlds.tiny import TinyWorldConfig, load_tiny_world
 
         if exp.world.world_config:
             config = TinyWorldConfig.from_json(exp.world.world_config)
@@ -52,8 +51,8 @@ def open_world(exp: Experiment, space: SearchSpace, progress: bool = True):
                 ref = str(Path(ref).resolve())
             config = dataclasses.replace(config, space=ref)
         world = load_tiny_world(config, progress=progress)
-    else:  # a local Stable Diffusion pipeline, MS-COCO captions, open_clip (nas/sd_world.py)
-        from .sd_world import load_sd_world
+    else:  # a local Stable Diffusion pipeline, MS-COCO captions, open_clip (nas/worlds/sd.py)
+        from nas.worlds.sd import load_sd_world
 
         world = load_sd_world(exp, space, progress=progress)
     if world.space.name != space.name or world.space.slots.keys() != space.slots.keys():
@@ -114,14 +113,14 @@ def make_evaluator(exp: Experiment, world) -> Evaluator:
 
 
 def open_evaluator(exp: Experiment) -> Evaluator:
-    """What a Ray evaluator actor builds (`nas.distributed`): the experiment's world, loaded
+    """What a Ray evaluator actor builds (`nas.search.ray`): the experiment's world, loaded
     from the cache (the driver built it first), and its evaluator."""
     return make_evaluator(exp, open_world(exp, experiment_space(exp), progress=False))
 
 
 def ray_evaluator(exp: Experiment, local: Evaluator, cluster):
     """`local`'s drop-in whose actions are scored on a pool of Ray actors."""
-    from .distributed import RayEvaluator
+    from nas.search.ray import RayEvaluator
 
     if Path(exp.space).is_file():  # a space file: by absolute path, whatever the actor's cwd
         exp = exp.model_copy(update={"space": str(Path(exp.space).resolve())})
@@ -164,7 +163,7 @@ def run_search(
             "Ray workers, or run with one worker and no --ray-address"
         )
     if exp.ray.enabled:
-        from .distributed import RayCluster
+        from nas.cluster import RayCluster
 
         cluster = RayCluster.connect(exp.ray)
     try:
@@ -180,7 +179,7 @@ def _run_search(exp, runs, name, resume, progress, cluster) -> SearchResult:
     if resume is not None:
         run = RunDir(Path(resume))
         run.check_same(exp)
-        if (run.path / "optuna_run.json").is_file():  # nas.optuna_search's run directory
+        if (run.path / "optuna_run.json").is_file():  # nas.search.optuna's run directory
             raise UserError(f"{run.path} is a run of --strategy optuna; resume it with that")
     else:
         run = RunDir(runs / (name or exp.name))

@@ -1,6 +1,6 @@
 """The found network as a standalone model: its own weights, no supernet, no diffnas to load.
 
-`to_standalone(supernet, arch)` builds a `SearchedUNet2DConditionModel` (`nas/searched_unet.py`,
+`to_standalone(supernet, arch)` builds a `SearchedUNet2DConditionModel` (`nas/deploy/searched_unet.py`,
 a file that imports only torch, diffusers and safetensors): removed blocks have no module and no
 weights left, copies are real modules with their weights. `export_network` writes it as
 
@@ -24,10 +24,9 @@ import torch
 from diffusers import UNet2DConditionModel
 from torch import nn
 
+from nas.deploy.searched_unet import SearchedUNet2DConditionModel
+from nas.supernet import ElasticUNet
 from search_spaces import Architecture, SearchSpace, UserError
-
-from .searched_unet import SearchedUNet2DConditionModel
-from .supernet import ElasticUNet
 
 FORMATS = ("diffusers", "coreml", "executorch")
 EXPORT_DIR = "export"  # RUN_DIR/export/<found|distilled>-<format>
@@ -196,8 +195,7 @@ def _write_executorch(net: nn.Module, space: SearchSpace, path: Path, meta: dict
 
 def _write_coreml(net: nn.Module, space: SearchSpace, path: Path, meta: dict) -> Path:
     from latency.coreml import convert_program
-
-    from .export import OUTPUT_NAME
+    from nas.deploy.coreml import OUTPUT_NAME
 
     inputs = _inputs(space)
     program = torch.export.export(_Tensors(net.eval()), inputs).run_decompositions({})
@@ -213,7 +211,7 @@ def _write_coreml(net: nn.Module, space: SearchSpace, path: Path, meta: dict) ->
 def load_network(run: Path, distilled: bool) -> tuple[SearchSpace, Architecture, nn.Module]:
     """The space, architecture and standalone network of a finished run (or of its
     distillation); a UserError when the run has not got that far."""
-    from .distill import DISTILLED_DIR, load_distilled
+    from nas.deploy.distill import DISTILLED_DIR, load_distilled
 
     run = Path(run)
     if not (run / "final.arch.json").is_file() or not (run / "final").is_dir():

@@ -4,10 +4,10 @@ It is the embedded default of diffnas (DESIGN.md, "The tiny world"): the whole m
 training, ΔCLIP evaluation, evolution — runs in it in minutes, and ΔCLIP means something
 because the UNet really follows its prompts.
 
-- data: `nas.shapes`, captioned 32x32 images of coloured shapes;
+- data: `nas.worlds.shapes`, captioned 32x32 images of coloured shapes;
 - CLIP: open_clip's `CLIP` at a small config, trained contrastively here; its score is the
-  world's metric (`nas.clip`, 100 * max(cos, 0));
-- UNet: the `tiny` space's base network as an `ElasticUNet`, robustly trained (`nas.train`)
+  world's metric (`nas.worlds.clip`, 100 * max(cos, 0));
+- UNet: the `tiny` space's base network as an `ElasticUNet`, robustly trained (`nas.training.robust`)
   in pixel space: the 12x16x16 "latent" is `pixel_unshuffle(2 * image - 1, 2)`, an exact,
   free, invertible encoder; conditioned on the tiny CLIP's per-token text features (16 x 128).
 
@@ -34,13 +34,12 @@ from diffusers import UNet2DConditionModel
 from torch import Tensor
 
 from latency.coreml import cache_dir
+from nas.supernet import ElasticUNet, SkipConfig
+from nas.training.robust import TrainConfig, train
+from nas.worlds import shapes
+from nas.worlds.clip import ClipScorer, retrieval_top1, train_contrastive
+from nas.worlds.generate import generate, initial_noise, step_noise_generator
 from search_spaces import Architecture, SearchSpace, UserError, load_space
-
-from . import shapes
-from .clip import ClipScorer, retrieval_top1, train_contrastive
-from .generate import generate, initial_noise, step_noise_generator
-from .supernet import ElasticUNet, SkipConfig
-from .train import TrainConfig, train
 
 log = logging.getLogger(__name__)
 
@@ -294,7 +293,7 @@ class TinyWorld:
         return ((F.pixel_shuffle(latents, 2) + 1) / 2).clamp(0, 1)
 
     def encode_batch(self, images: Tensor, captions: list[str]) -> tuple[Tensor, Tensor]:
-        """(images, captions) -> (latents, contexts): the `encode` of `nas.train.train`."""
+        """(images, captions) -> (latents, contexts): the `encode` of `nas.training.robust.train`."""
         return self.to_latent(images), self.encode_text(list(captions))
 
     def dataset(self, length: int, seed: int | None = None) -> shapes.ShapesDataset:

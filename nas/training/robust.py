@@ -13,7 +13,7 @@ and timesteps come from their own generator, CFG dropout from another, skips fro
 A checkpoint saves all of them, so a resumed run ends with the same weights and losses as an
 uninterrupted one.
 
-The same loop runs data-parallel (`nas.train_ray`, one `Parallel` per worker): every worker
+The same loop runs data-parallel (`nas.training.ray`, one `Parallel` per worker): every worker
 draws the whole batch's indices, noise, timesteps, CFG drops and block skips from the same
 streams and keeps its own slice of the samples, so all workers run one architecture per step
 and the averaged gradients are the ones of the whole batch in one process.
@@ -43,9 +43,8 @@ from torch.utils.data import DataLoader, IterableDataset
 from torch.utils.data import default_collate as _collate
 from tqdm.auto import tqdm
 
+from nas.supernet import ElasticUNet
 from search_spaces import UserError
-
-from .supernet import ElasticUNet
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +153,7 @@ class TrainConfig:
 
 class Objective:
     """What a training step minimises, given the noisy batch: here the denoising loss of robust
-    training. A subclass (distillation: `nas.distill.Distillation`) computes other terms from
+    training. A subclass (distillation: `nas.deploy.distill.Distillation`) computes other terms from
     the same inputs and returns them by name beside the total, which the loop records.
     """
 
@@ -190,7 +189,7 @@ class TrainResult:
 
 @dataclass
 class Parallel:
-    """One worker of a data-parallel run of `train` (`nas.train_ray` makes one per Ray Train
+    """One worker of a data-parallel run of `train` (`nas.training.ray` makes one per Ray Train
     worker, inside an initialised `torch.distributed` process group).
 
     Each worker takes samples [rank * n, (rank + 1) * n) of every batch, n = batch_size /

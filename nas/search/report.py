@@ -142,7 +142,7 @@ def _stages(result, path):
     plt.close(fig)
 
 
-GRID_COLUMNS = 8  # images per row of the grid PNGs (nas.evolve.save_grid, nas.distill)
+GRID_COLUMNS = 8  # images per row of the grid PNGs (nas.search.evolve.save_grid, nas.deploy.distill)
 GRID_PADDING = 2
 COMPARISON_ROWS = 8  # prompts in comparison.png
 TILE = 128  # pixels of one image in comparison.png at least (a 32x32 image: 4x)
@@ -235,7 +235,7 @@ def write_report(run: str | Path) -> Path:
 def _distilled_rows(result: dict, d: dict) -> tuple[str, str]:
     """Table cells of the distilled network, and the rows only a distillation has."""
     clip, ms = d["clip"], d.get("measured_ms", {})
-    default_teacher = d["config"]["teacher"] == "supernet (full network)"  # nas.distill's
+    default_teacher = d["config"]["teacher"] == "supernet (full network)"  # nas.deploy.distill's
     held = "held_out" in clip["after"]
     cells = {
         "latency": f"{result['latency_ms']:.2f} ms (same architecture)",

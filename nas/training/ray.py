@@ -1,7 +1,7 @@
-"""Robust training on Ray Train: the loop of `nas.train.train`, data-parallel over workers.
+"""Robust training on Ray Train: the loop of `nas.training.robust.train`, data-parallel over workers.
 
 The paper trained its supernet on 16-32 nodes of 8 GPUs. Here each Ray Train worker runs
-`nas.train.train` itself, as one `Parallel` part of the run (`TorchTrainer`, DDP; gloo on CPU,
+`nas.training.robust.train` itself, as one `Parallel` part of the run (`TorchTrainer`, DDP; gloo on CPU,
 NCCL on GPU):
 
 - every worker draws the same batch indices, noise, timesteps, CFG drops and block skips
@@ -14,7 +14,7 @@ NCCL on GPU):
 - skipped blocks are not in the autograd graph: DDP runs with `find_unused_parameters=True`,
   which leaves their gradients unset (zeroing them instead would let AdamW's weight decay and
   momentum move blocks the step did not use, unlike training in one process);
-- rank 0 writes the checkpoint (the same folder as `nas.train`'s: `model/` + `state.pt`) and
+- rank 0 writes the checkpoint (the same folder as `nas.training.robust`'s: `model/` + `state.pt`) and
   hands it to Ray Train with `ray.train.report`; a run started again with the same `out_dir`
   resumes from the latest one, and so do workers that Ray restarts after a failure.
 
@@ -37,12 +37,9 @@ from typing import Any
 
 import torch
 
-from search_spaces import Architecture, SearchSpace, UserError
-from search_spaces.spec import SpaceSpec
-
-from .distributed import probe
-from .supernet import ElasticUNet, SkipConfig
-from .train import (
+from nas.cluster import probe
+from nas.supernet import ElasticUNet, SkipConfig
+from nas.training.robust import (
     CHECKPOINT_DIR,
     EMA_DIR,
     STATE_NAME,
@@ -54,6 +51,8 @@ from .train import (
     _save_ema,
     train,
 )
+from search_spaces import Architecture, SearchSpace, UserError
+from search_spaces.spec import SpaceSpec
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +70,7 @@ def ray_cluster(address: str | None, workers: int, use_gpu: bool | None = None) 
     can hold `workers` workers. Yields whether they train on GPUs: `use_gpu=None` uses GPUs
     when the cluster has one per worker; True asks for them (a UserError where too few).
 
-    The address is checked as the search's evaluation pool checks it (`nas.distributed.probe`);
+    The address is checked as the search's evaluation pool checks it (`nas.cluster.probe`);
     unlike that pool, the workers' output reaches the driver: Ray Train's line for each
     reported checkpoint (its step and loss) is the progress of a run."""
     import ray
@@ -165,7 +164,7 @@ def train_ray(
     use_gpu: bool | None = None,
     max_failures: int = 0,
 ) -> TrainResult:
-    """`nas.train.train(model, data, config, ...)` on `workers` Ray Train workers.
+    """`nas.training.robust.train(model, data, config, ...)` on `workers` Ray Train workers.
 
     `data`, `encode` and `uncond` go to the workers through Ray's object store (they must
     pickle); the model goes as its weights and space. `out_dir` is the Ray Train run folder
@@ -252,7 +251,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def _train_worker(loop_config: dict) -> None:
-    """What every Ray Train worker runs: `nas.train.train` as one part of the run."""
+    """What every Ray Train worker runs: `nas.training.robust.train` as one part of the run."""
     import ray
     import ray.train
     import ray.train.torch
@@ -361,7 +360,7 @@ class WorldEncoder:
     clip: Any  # the world's ClipScorer: its text token features condition the UNet
 
     def __call__(self, images: torch.Tensor, captions) -> tuple[torch.Tensor, torch.Tensor]:
-        from .world import TinyWorld
+        from nas.worlds.tiny import TinyWorld
 
         return TinyWorld.to_latent(images), self.clip.token_features(list(captions))
 
@@ -389,7 +388,7 @@ def train_supernet(
     progress: bool = True,
 ) -> TrainResult:
     """`diffnas train`: robust training of `world`'s supernet, from its current weights, with
-    `config`. One worker and no `ray_address` trains in this process (`nas.train.train`),
+    `config`. One worker and no `ray_address` trains in this process (`nas.training.robust.train`),
     otherwise on Ray Train (`train_ray`).
 
     `out` receives the trained supernet (`ElasticUNet.from_pretrained(out)`; its EMA weights

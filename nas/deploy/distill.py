@@ -1,11 +1,11 @@
 """`diffnas distill RUN_DIR`: train the network a search found, as a student, from a teacher.
 
-The student is the found architecture as a standalone network (`nas.standalone`): removed
+The student is the found architecture as a standalone network (`nas.deploy.export`): removed
 blocks are gone, copies are real modules, all initialised from the supernet's weights at the
 end of the search (RUN_DIR/final/). The teacher is frozen: by default the full network of the
 same supernet, or a diffusers UNet folder of the space's base network (`teacher=`).
 
-Training is the loop of robust training (`nas.train.train`: the world's data, noise schedule,
+Training is the loop of robust training (`nas.training.robust.train`: the world's data, noise schedule,
 timesteps, CFG dropout, AdamW, diffusers LR schedules, EMA, checkpoints, resume, progress bar)
 with another objective, `Distillation` (BK-SDM, Kim et al. 2023):
 
@@ -40,14 +40,13 @@ import torch.nn.functional as F
 import yaml
 from diffusers import UNet2DConditionModel
 
+from nas.deploy.export import to_standalone
+from nas.deploy.searched_unet import SearchedUNet2DConditionModel
+from nas.distill_config import DistillConfig
+from nas.search.evaluate import Evaluator, Protocol
+from nas.supernet import ElasticUNet, check_weights_fit
+from nas.training.robust import Objective, _loss, train
 from search_spaces import Architecture, SearchSpace, UserError
-
-from .distill_config import DistillConfig
-from .evaluate import Evaluator, Protocol
-from .searched_unet import SearchedUNet2DConditionModel
-from .standalone import to_standalone
-from .supernet import ElasticUNet, check_weights_fit
-from .train import Objective, _loss, train
 
 DISTILLED_DIR = "distilled"
 WORLD_ITEMS = 2**20  # training scenes, drawn when read (as `diffnas train`)
@@ -189,7 +188,7 @@ def _prepare(folder: Path, resume: bool, force: bool) -> None:
 
 def protocols(exp, world, config: DistillConfig) -> dict[str, Protocol]:
     """The search's protocol, and a held-out one on the validation prompts it did not use."""
-    from .search import held_out_prompts, search_prompts
+    from nas.search.run import held_out_prompts, search_prompts
 
     e = exp.evaluation
     common = {"cfg": e.cfg, "batch_size": e.batch_size, "seed": exp.seed, "precision": e.precision}
@@ -246,8 +245,8 @@ def distill(
     UNet folder (default: the full network of the run's supernet). `arch`: another
     architecture of the space to distil from the same supernet instead (e.g. a hand design to
     compare with), written to `folder` (default RUN/distilled/)."""
-    from .experiment import Experiment
-    from .search import experiment_space, open_world
+    from nas.experiment import Experiment
+    from nas.search.run import experiment_space, open_world
 
     run = Path(run)
     check_finished(run)
@@ -311,7 +310,7 @@ def distill(
     student.eval()
     after = _clip(evaluators, student)
     student.save_pretrained(folder / "unet")
-    from .evolve import save_grid
+    from nas.search.evolve import save_grid
 
     search = evaluators["search"]
     save_grid(search.model_images(student, GRID), folder / "grid_distilled.png")

@@ -5,7 +5,7 @@ the supernet is the pipeline's UNet wrapped as the space's `ElasticUNet`; text c
 from the pipeline's CLIP text encoder and images from its VAE decoder; DDIM is built from the
 pipeline's scheduler config; the CLIP score is open_clip's (ViT-g-14 in the paper); the
 validation prompts are MS-COCO 2014 val captions. The search sees the same interface as in the
-tiny world (`nas.world.TinyWorld`): `space`, `supernet`, `clip`, `val_prompts`, `encode_text`,
+tiny world (`nas.worlds.tiny.TinyWorld`): `space`, `supernet`, `clip`, `val_prompts`, `encode_text`,
 `uncond`, `decode`, `dataset`, `encode_batch`, `train_config`.
 
 Nothing is downloaded. The files and their keys under `world:` in the experiment file
@@ -52,12 +52,11 @@ from torch.utils.data import Dataset
 from torchvision import transforms
 from transformers import CLIPTextConfig
 
+from nas.experiment import Experiment
+from nas.supernet import ElasticUNet, SkipConfig
+from nas.training.robust import LatentEncoder, TrainConfig
+from nas.worlds.clip import ClipScorer
 from search_spaces import SearchSpace, UserError
-
-from .clip import ClipScorer
-from .experiment import Experiment
-from .supernet import ElasticUNet, SkipConfig
-from .train import LatentEncoder, TrainConfig
 
 log = logging.getLogger(__name__)
 

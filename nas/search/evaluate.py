@@ -19,11 +19,10 @@ from dataclasses import asdict, dataclass
 import torch
 
 from latency.predict import Predictor
+from nas.supernet import ElasticUNet
+from nas.worlds.clip import ClipScorer
+from nas.worlds.generate import generate, initial_noise
 from search_spaces import Action, Architecture, UserError
-
-from .clip import ClipScorer
-from .generate import generate, initial_noise
-from .supernet import ElasticUNet
 
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -60,7 +59,7 @@ class ActionValue:
     delta_ms: float
     value: float  # delta_clip / delta_ms
     seconds: float  # time spent scoring this action
-    node: str | None = None  # Ray node id that scored it (None: in process; nas.distributed)
+    node: str | None = None  # Ray node id that scored it (None: in process; nas.search.ray)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -103,7 +102,7 @@ class Evaluator:
 
     def scores(self, arch: Architecture, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Per-image CLIP scores of `arch` (same prompts and noises for every architecture),
-        of images start..stop (default all): racing (`nas.racing`) scores them in slices."""
+        of images start..stop (default all): racing (`nas.search.racing`) scores them in slices."""
         previous = self.supernet.architecture
         self.supernet.set_architecture(arch)
         p, out = self.protocol, []

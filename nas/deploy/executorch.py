@@ -3,7 +3,7 @@
 The network goes the way the table's blocks go (`latency.executorch.lower`): the same
 `torch.export` graph, the same delegate, the same attention processor, so a table built with
 `--backend executorch` predicts the program this writes. The ElasticUNet's gates are plain
-Python, so the export traces the searched network alone (see `nas.export`).
+Python, so the export traces the searched network alone (see `nas.deploy.coreml`).
 """
 
 from __future__ import annotations
@@ -18,14 +18,12 @@ import torch
 
 from latency import executorch as et
 from latency.backends import Timing
+from nas.deploy.coreml import UNetForExport, example_inputs
 from search_spaces import Architecture, SearchSpace, UserError
-
-from .export import UNetForExport, example_inputs
 
 if TYPE_CHECKING:
     from latency.backends.executorch_backend import ExecuTorchBackend
-
-    from .supernet import ElasticUNet
+    from nas.supernet import ElasticUNet
 
 
 def lower_network(
@@ -97,7 +95,7 @@ class ExecuTorchNetworkTimer:
         seed: int = 0,
         folder: str | Path | None = None,
     ):
-        from .supernet import ElasticUNet
+        from nas.supernet import ElasticUNet
 
         backend.test_connection()
         self.backend = backend

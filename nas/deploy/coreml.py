@@ -29,7 +29,7 @@ from search_spaces import Architecture, UserError
 if TYPE_CHECKING:
     from torch.export import ExportedProgram
 
-    from .supernet import ElasticUNet
+    from nas.supernet import ElasticUNet
 
 INPUT_NAMES = ("sample", "timestep", "encoder_hidden_states")  # as in diffusers' forward
 OUTPUT_NAME = "noise_pred"  # an output may not share the input's name "sample"

@@ -1,12 +1,12 @@
 """`diffnas sweep`: one evolution per (latency target, seed), run as Ray Tune trials.
 
 A sweep answers "what does each latency budget cost in quality?": every trial is a whole
-`diffnas search` (the evolution of `nas.evolve`) with the experiment's target ratio and seed
+`diffnas search` (the evolution of `nas.search.evolve`) with the experiment's target ratio and seed
 replaced, in its own run directory. Ray Tune schedules the trials (one CPU each), records
 which have finished, and `Tuner.restore` continues an interrupted sweep. Each trial reports
 once, when its evolution has finished, with a Tune checkpoint that points at its run
 directory; the progress *within* a trial lives in that run directory's own checkpoints, so a
-trial cut short resumes its evolution where it stopped (`nas.search.run_search(resume=...)`).
+trial cut short resumes its evolution where it stopped (`nas.search.run.run_search(resume=...)`).
 
     runs/<name>/
       experiment.yaml         the experiment as given (target and seed are per trial)
@@ -32,11 +32,10 @@ from pathlib import Path
 import yaml
 
 from latency.predict import Predictor
+from nas.cluster import ENV_FORWARDED, RayCluster
+from nas.experiment import Experiment, RaySpec, TargetSpec
+from nas.search.evolve import resolve_target
 from search_spaces import UserError
-
-from .distributed import ENV_FORWARDED, RayCluster
-from .evolve import resolve_target
-from .experiment import Experiment, RaySpec, TargetSpec
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +120,7 @@ def _run_trial(config: dict, experiment: dict, env: dict[str, str]) -> None:
     import torch
     from ray import tune
 
-    from .search import run_search
+    from nas.search.run import run_search
 
     os.environ.update(env)  # where the driver's worlds and tables are cached
     if not torch.cuda.is_available():
@@ -299,7 +298,7 @@ def _check_resume(path: Path, exp: Experiment, targets, seeds) -> dict:
 def _prepare(exp: Experiment, targets: list[float], progress: bool) -> None:
     """Before any trial starts: measure the latency table and build a tiny world once
     (instead of every trial at the same time), and refuse targets the space cannot reach."""
-    from .search import experiment_space, latency_table, open_world
+    from nas.search.run import experiment_space, latency_table, open_world
 
     space = experiment_space(exp)
     table = latency_table(exp, space, progress)
