@@ -275,8 +275,9 @@ def train_cmd(
 ) -> None:
     """Robustly train a world's supernet (DDP on Ray Train with --workers N) and save it
     into --out (ElasticUNet.from_pretrained(out)). See docs/distributed.md."""
-    from nas.training.ray import check_train_args, train_supernet
+    from nas.training.ray import check_train_args
     from nas.training.robust import TrainConfig
+    from nas.training.run import train_supernet
 
     if (experiment is None) == (world is None):
         raise UserError("give an experiment file or --world tiny (one of them)")

@@ -11,7 +11,7 @@ from diffusers import UNet2DConditionModel
 
 from nas.cli import main
 from nas.deploy.distill import DISTILLED_DIR, distill, load_distilled
-from nas.deploy.export import to_standalone
+from nas.deploy.standalone import to_standalone
 from nas.distill_config import DistillConfig
 from nas.experiment import load_experiment
 from nas.search.run import run_search
@@ -172,11 +172,11 @@ def test_bad_input(run, tmp_path, capsys):
 
 
 def test_export_format_not_installed(run, capsys, monkeypatch):
-    import nas.deploy.export as standalone
+    import nas.deploy.export as export_cmd
 
-    real = standalone.importlib.util.find_spec
+    real = export_cmd.importlib.util.find_spec
     monkeypatch.setattr(
-        standalone.importlib.util,
+        export_cmd.importlib.util,
         "find_spec",
         lambda name, *a: None if name == "coremltools" else real(name, *a),
     )

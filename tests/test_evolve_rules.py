@@ -1,4 +1,4 @@
-"""How the evolution picks its removals (nas.search.evolve._remove), on a synthetic latency table."""
+"""How the evolution picks its removals (nas.search.evolve._remove) on a synthetic latency table."""
 
 import pytest
 from test_latency import DEVICE, measurement

@@ -3,8 +3,8 @@
 Each conversion of the whole tiny UNet takes tens of seconds (coremltools' pass pipeline over
 ~900 ops), so the two packages are converted once per module and every check reads them. The
 `torch.export` program that each conversion started from is kept (by wrapping
-`nas.deploy.coreml.export_program`) and compared against the ElasticUNet itself: the package cannot be
-run on Linux, but the program it was converted from can.
+`nas.deploy.coreml.export_program`) and compared against the ElasticUNet itself: the package
+cannot be run on Linux, but the program it was converted from can.
 """
 
 from __future__ import annotations

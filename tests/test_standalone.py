@@ -1,4 +1,5 @@
-"""The found network as a standalone model (nas/deploy/export.py, nas/deploy/searched_unet.py).
+"""The found network as a standalone model (nas/deploy/: standalone.py, export.py,
+searched_unet.py).
 
 Random weights; the sd15 space at its own topology with small channels (the full SD-v1.5 UNet
 takes ~30 s to build on a CPU, and the checks are about structure and weights, not size).
@@ -16,8 +17,8 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from nas.deploy.export import plain_config, to_plain, to_standalone
 from nas.deploy.searched_unet import SearchedUNet2DConditionModel
+from nas.deploy.standalone import plain_config, to_plain, to_standalone
 from nas.supernet import ElasticUNet
 from search_spaces import Architecture, SearchSpace, load_space
 

@@ -1,4 +1,4 @@
-"""Robust training (nas.training.robust) on the tiny space with random data: a few steps per test."""
+"""Robust training (nas.training) on the tiny space with random data: a few steps per test."""
 
 from __future__ import annotations
 

@@ -34,8 +34,9 @@ from provenance import provenance
 from latency.predict import Predictor
 from latency.table import LatencyTable
 from nas.deploy.distill import distill, measure_ms
-from nas.deploy.export import export_network, to_standalone
+from nas.deploy.export import export_network
 from nas.deploy.searched_unet import SearchedUNet2DConditionModel
+from nas.deploy.standalone import to_standalone
 from nas.experiment import load_experiment
 from nas.search.run import latency_db, run_search
 from nas.supernet import ElasticUNet

@@ -1,13 +1,13 @@
 """`diffnas distill RUN_DIR`: train the network a search found, as a student, from a teacher.
 
-The student is the found architecture as a standalone network (`nas.deploy.export`): removed
+The student is the found architecture as a standalone network (`nas.deploy.standalone`): removed
 blocks are gone, copies are real modules, all initialised from the supernet's weights at the
 end of the search (RUN_DIR/final/). The teacher is frozen: by default the full network of the
 same supernet, or a diffusers UNet folder of the space's base network (`teacher=`).
 
-Training is the loop of robust training (`nas.training.robust.train`: the world's data, noise schedule,
-timesteps, CFG dropout, AdamW, diffusers LR schedules, EMA, checkpoints, resume, progress bar)
-with another objective, `Distillation` (BK-SDM, Kim et al. 2023):
+Training is the loop of robust training (`nas.training.robust.train`: the world's data, noise
+schedule, timesteps, CFG dropout, AdamW, diffusers LR schedules, EMA, checkpoints, resume,
+progress bar) with another objective, `Distillation` (BK-SDM, Kim et al. 2023):
 
     task        the denoising loss against the data, as robust training computes it
     output KD   MSE(student prediction, teacher prediction), same noisy input, timestep, text
@@ -40,8 +40,8 @@ import torch.nn.functional as F
 import yaml
 from diffusers import UNet2DConditionModel
 
-from nas.deploy.export import to_standalone
 from nas.deploy.searched_unet import SearchedUNet2DConditionModel
+from nas.deploy.standalone import to_standalone
 from nas.distill_config import DistillConfig
 from nas.search.evaluate import Evaluator, Protocol
 from nas.supernet import ElasticUNet, check_weights_fit

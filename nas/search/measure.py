@@ -17,7 +17,8 @@ class NetworkTimer:
         if not isinstance(backend, TorchBackend):
             raise UserError(
                 f"whole networks are timed here with the torch backend, not {backend.name!r}; "
-                "for Core ML export the network (`diffnas export RUN --format coreml`) and time it on a Mac"
+                "for Core ML export the network (`diffnas export RUN --format coreml`) and time "
+                "it on a Mac"
             )
         backend.test_connection()
         self.backend = backend

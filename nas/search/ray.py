@@ -40,6 +40,7 @@ from search_spaces import Architecture, UserError
 
 log = logging.getLogger(__name__)
 
+
 def _short(error: BaseException, lines: int = 30) -> str:
     """The end of an error's text (a Ray actor error holds the actor's whole traceback)."""
     text = str(error).strip().splitlines()

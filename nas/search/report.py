@@ -142,7 +142,7 @@ def _stages(result, path):
     plt.close(fig)
 
 
-GRID_COLUMNS = 8  # images per row of the grid PNGs (nas.search.evolve.save_grid, nas.deploy.distill)
+GRID_COLUMNS = 8  # images per row of the grid PNGs (search.evolve.save_grid, deploy.distill)
 GRID_PADDING = 2
 COMPARISON_ROWS = 8  # prompts in comparison.png
 TILE = 128  # pixels of one image in comparison.png at least (a 32x32 image: 4x)

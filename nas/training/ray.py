@@ -1,8 +1,9 @@
-"""Robust training on Ray Train: the loop of `nas.training.robust.train`, data-parallel over workers.
+"""Robust training on Ray Train: the loop of `nas.training.robust.train`, data-parallel over
+workers.
 
 The paper trained its supernet on 16-32 nodes of 8 GPUs. Here each Ray Train worker runs
-`nas.training.robust.train` itself, as one `Parallel` part of the run (`TorchTrainer`, DDP; gloo on CPU,
-NCCL on GPU):
+`nas.training.robust.train` itself, as one `Parallel` part of the run (`TorchTrainer`, DDP;
+gloo on CPU, NCCL on GPU):
 
 - every worker draws the same batch indices, noise, timesteps, CFG drops and block skips
   (from streams seeded by the run's seed, never by the worker's rank, and restored alike from
@@ -14,9 +15,9 @@ NCCL on GPU):
 - skipped blocks are not in the autograd graph: DDP runs with `find_unused_parameters=True`,
   which leaves their gradients unset (zeroing them instead would let AdamW's weight decay and
   momentum move blocks the step did not use, unlike training in one process);
-- rank 0 writes the checkpoint (the same folder as `nas.training.robust`'s: `model/` + `state.pt`) and
-  hands it to Ray Train with `ray.train.report`; a run started again with the same `out_dir`
-  resumes from the latest one, and so do workers that Ray restarts after a failure.
+- rank 0 writes the checkpoint (the same folder as in-process training's: `model/` +
+  `state.pt`) and hands it to Ray Train with `ray.train.report`; a run started again with the
+  same `out_dir` resumes from the latest one, and so do workers that Ray restarts after a failure.
 
 Default: a local Ray instance, started and stopped here; `ray_address` joins a cluster
 (`ray start --head` on one machine, `ray start --address=HEAD:6379` on the others).
@@ -24,14 +25,13 @@ Default: a local Ray instance, started and stopped here; `ray_address` joins a c
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,18 +39,15 @@ import torch
 
 from nas.cluster import probe
 from nas.supernet import ElasticUNet, SkipConfig
-from nas.training.robust import (
-    CHECKPOINT_DIR,
+from nas.training.checkpoints import load_checkpoint, save_ema
+from nas.training.config import (
     EMA_DIR,
     STATE_NAME,
     Parallel,
     TrainConfig,
     TrainResult,
-    _load_checkpoint,
-    _make_ema,
-    _save_ema,
-    train,
 )
+from nas.training.robust import make_ema, train
 from search_spaces import Architecture, SearchSpace, UserError
 from search_spaces.spec import SpaceSpec
 
@@ -226,12 +223,12 @@ def train_ray(
 
     # the run's outcome is its last checkpoint: the trained weights, losses and EMA
     with result.checkpoint.as_directory() as folder:
-        state = _load_checkpoint(model, Path(folder), config)
+        state = load_checkpoint(model, Path(folder), config)
     ema = None
     if config.ema_decay:  # train() refuses to resume an EMA run from a checkpoint without one
-        ema = _make_ema(model, config.ema_decay)
+        ema = make_ema(model, config.ema_decay)
         ema.load_state_dict(state["ema"])
-        _save_ema(model, ema, out_dir / EMA_DIR)
+        save_ema(model, ema, out_dir / EMA_DIR)
     return TrainResult(
         losses=list(state["losses"]),
         steps=state["step"],
@@ -349,132 +346,4 @@ def _unpack(packed: dict) -> ElasticUNet:
     return model
 
 
-# -- the tiny world's encoder, picklable ----------------------------------------------------------
-
-
-@dataclass
-class WorldEncoder:
-    """(images, captions) -> (latents, contexts) of the tiny world, as `TinyWorld.encode_batch`
-    computes them, in a form that pickles (a TinyWorld holds its supernet, which does not)."""
-
-    clip: Any  # the world's ClipScorer: its text token features condition the UNet
-
-    def __call__(self, images: torch.Tensor, captions) -> tuple[torch.Tensor, torch.Tensor]:
-        from nas.worlds.tiny import TinyWorld
-
-        return TinyWorld.to_latent(images), self.clip.token_features(list(captions))
-
-
-# -- `diffnas train` ------------------------------------------------------------------------------
-
-TRAIN_DIR = "train"  # out/train/: checkpoints (in-process: checkpoint/; Ray: checkpoint_<step>/)
-SUMMARY_NAME = "train.json"  # out/train.json: what was trained, how, and its losses
-# scenes drawn for training; they are drawn when read, so the size costs nothing, and a fixed
-# size keeps a step's batch independent of --steps (a run extended with --resume --steps M
-# trains as a run of M steps)
-WORLD_ITEMS = 2**20
-
-
-def train_supernet(
-    world,
-    config: TrainConfig,
-    out: str | Path,
-    *,
-    workers: int = 1,
-    ray_address: str | None = None,
-    use_gpu: bool | None = None,
-    resume: bool = False,
-    source: dict | None = None,
-    progress: bool = True,
-) -> TrainResult:
-    """`diffnas train`: robust training of `world`'s supernet, from its current weights, with
-    `config`. One worker and no `ray_address` trains in this process (`nas.training.robust.train`),
-    otherwise on Ray Train (`train_ray`).
-
-    `out` receives the trained supernet (`ElasticUNet.from_pretrained(out)`; its EMA weights
-    when the config keeps an EMA, as the world build does), `train/` (the checkpoints that
-    `resume=True` continues) and `train.json` (`source`, the config, workers, losses).
-    """
-    check_train_args(workers, ray_address, use_gpu)
-    out = Path(out).expanduser()
-    state_dir = out / TRAIN_DIR
-    on_ray = workers > 1 or ray_address is not None
-    if resume:
-        here = (state_dir / CHECKPOINT_DIR / STATE_NAME).is_file()
-        on_ray_before = latest_checkpoint(state_dir) is not None
-        if on_ray and here and not on_ray_before:
-            raise UserError(
-                f"{out} was trained in one process; resume it the same way (--workers 1, no "
-                "--ray-address), or start a new --out"
-            )
-        if not here and not on_ray_before:
-            raise UserError(
-                f"--resume, but {out} holds no checkpoint to resume from (in {state_dir}); "
-                "start without --resume"
-            )
-        if not on_ray and on_ray_before and not here:
-            raise UserError(
-                f"{out} was trained on Ray Train; resume it with --workers 2 or more, or with "
-                "--ray-address, or start a new --out"
-            )
-    elif out.exists() and any(out.iterdir()):
-        raise UserError(
-            f"{out} exists and is not empty; continue its training with --resume, or give "
-            "another --out (nothing stored is overwritten)"
-        )
-
-    data = world.dataset(max(WORLD_ITEMS, config.batch_size), config.seed)
-    model, uncond = world.supernet, world.uncond()[0]
-    if on_ray:
-        result = train_ray(
-            model,
-            data,
-            config,
-            state_dir,
-            workers=workers,
-            resume=resume,
-            encode=WorldEncoder(world.clip),
-            uncond=uncond,
-            ray_address=ray_address,
-            use_gpu=use_gpu,
-        )
-    else:
-        if use_gpu or (use_gpu is None and torch.cuda.is_available()):
-            config = replace(config, device="cuda")
-        result = train(
-            model,
-            data,
-            config,
-            out_dir=state_dir,
-            resume=resume,
-            encode=world.encode_batch,
-            progress=progress,
-            uncond=uncond,
-        )
-    if result.ema is not None:
-        result.ema.copy_to(model.parameters())
-    model.save_pretrained(out)
-    summary = {
-        "source": source or {},
-        "config": asdict(config),
-        "workers": workers,
-        "ray_address": ray_address,
-        "steps": result.steps,
-        "weights": "ema" if result.ema is not None else "trained",
-        "seconds": result.seconds,  # this call only, when it resumed
-        "losses": result.losses,
-        # steps in which each block instance was skipped: "slot[instance]" -> steps
-        "skipped": {f"{slot}[{i}]": n for (slot, i), n in result.skip_counts.items()},
-    }
-    (out / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")
-    return result
-
-
-__all__ = [
-    "WorldEncoder",
-    "check_train_args",
-    "latest_checkpoint",
-    "ray_cluster",
-    "train_ray",
-    "train_supernet",
-]
+__all__ = ["check_train_args", "latest_checkpoint", "ray_cluster", "train_ray"]

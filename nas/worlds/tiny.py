@@ -7,9 +7,10 @@ because the UNet really follows its prompts.
 - data: `nas.worlds.shapes`, captioned 32x32 images of coloured shapes;
 - CLIP: open_clip's `CLIP` at a small config, trained contrastively here; its score is the
   world's metric (`nas.worlds.clip`, 100 * max(cos, 0));
-- UNet: the `tiny` space's base network as an `ElasticUNet`, robustly trained (`nas.training.robust`)
-  in pixel space: the 12x16x16 "latent" is `pixel_unshuffle(2 * image - 1, 2)`, an exact,
-  free, invertible encoder; conditioned on the tiny CLIP's per-token text features (16 x 128).
+- UNet: the `tiny` space's base network as an `ElasticUNet`, robustly trained
+  (`nas.training.robust`) in pixel space: the 12x16x16 "latent" is
+  `pixel_unshuffle(2 * image - 1, 2)`, an exact, free, invertible encoder; conditioned on the
+  tiny CLIP's per-token text features (16 x 128).
 
 `load_tiny_world()` builds it on first use and caches it under
 `$DIFFNAS_CACHE/tiny_world/<config hash>/`; a later call with the same config loads it in a
@@ -230,6 +231,16 @@ def _check_space(space: SearchSpace, config: TinyWorldConfig) -> None:
 # -- the world -----------------------------------------------------------------------------------
 
 
+@dataclass
+class TinyEncoder:
+    """(images, captions) -> (latents, contexts), as `TinyWorld.encode_batch` computes them."""
+
+    clip: ClipScorer  # the world's CLIP: its text token features condition the UNet
+
+    def __call__(self, images: Tensor, captions) -> tuple[Tensor, Tensor]:
+        return TinyWorld.to_latent(images), self.clip.token_features(list(captions))
+
+
 class TinyWorld:
     """A built tiny world: its space, CLIP scorer, supernet and prompts."""
 
@@ -293,8 +304,13 @@ class TinyWorld:
         return ((F.pixel_shuffle(latents, 2) + 1) / 2).clamp(0, 1)
 
     def encode_batch(self, images: Tensor, captions: list[str]) -> tuple[Tensor, Tensor]:
-        """(images, captions) -> (latents, contexts): the `encode` of `nas.training.robust.train`."""
+        """(images, captions) -> (latents, contexts): the `encode` of robust training."""
         return self.to_latent(images), self.encode_text(list(captions))
+
+    def picklable_encoder(self) -> TinyEncoder:
+        """`encode_batch` in a form Ray can ship to training workers (the world holds its
+        supernet, which does not pickle)."""
+        return TinyEncoder(self.clip)
 
     def dataset(self, length: int, seed: int | None = None) -> shapes.ShapesDataset:
         """Training items (image, caption) of this world (seed default: the build's)."""
