@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from nas import shapes
 from nas.experiment import Experiment, load_experiment
 from nas.search.evolve import RunDir
 from nas.search.run import held_out_prompts, open_world, run_search, search_prompts
+from nas.worlds import shapes
 from nas.worlds.tiny import TinyWorldConfig
 from search_spaces import Architecture, UserError, load_space
 

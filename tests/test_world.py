@@ -17,18 +17,12 @@ import pytest
 import torch
 from PIL import Image
 
-from nas import shapes
 from nas.cli import main
+from nas.worlds import shapes
 from nas.worlds.clip import ClipScorer, clip_score, retrieval_top1
 from nas.worlds.generate import generate, initial_noise, step_noise_generator
-from nas.worlds.tiny import (
-    _ADDED_FIELDS,
-    BUILD_THREADS,
-    TinyWorld,
-    TinyWorldConfig,
-    config_hash,
-    load_tiny_world,
-)
+from nas.worlds.tiny import TinyWorld, TinyWorldConfig, load_tiny_world
+from nas.worlds.tiny_config import _ADDED_FIELDS, BUILD_THREADS, config_hash
 from search_spaces import UserError, load_space
 
 MINI = TinyWorldConfig.miniature()
@@ -475,10 +469,10 @@ def test_config_checks_and_files(tmp_path):
 
 
 def test_unet_training_fields_reach_the_trainer(world):
-    from nas.worlds.tiny import _unet_train_config
+    from nas.worlds.tiny_config import unet_train_config
 
     config = replace(MINI, unet_lr_scheduler="cosine", unet_warmup_steps=5, unet_snr_gamma=5.0)
-    train_config = _unet_train_config(replace(config, unet_skip_warmup_steps=7))
+    train_config = unet_train_config(replace(config, unet_skip_warmup_steps=7))
     assert train_config.lr_scheduler == "cosine"
     assert train_config.lr_warmup_steps == 5
     assert train_config.snr_gamma == 5.0
@@ -487,10 +481,8 @@ def test_unet_training_fields_reach_the_trainer(world):
     warmed = replace(config, unet_skip_warmup_steps=7)
     built = TinyWorld(warmed, world.space, world.clip, world.supernet)
     assert built.train_config(steps=20).skip_warmup_steps == 0
-    assert _unet_train_config(MINI).snr_gamma is None
-    noisy = _unet_train_config(
-        replace(MINI, unet_timestep_shift=2.0, unet_timestep_noisy_share=0.3)
-    )
+    assert unet_train_config(MINI).snr_gamma is None
+    noisy = unet_train_config(replace(MINI, unet_timestep_shift=2.0, unet_timestep_noisy_share=0.3))
     assert (noisy.timestep_shift, noisy.timestep_noisy_share) == (2.0, 0.3)
     with pytest.raises(UserError, match="timestep_noisy_share=2"):
         replace(MINI, unet_timestep_noisy_share=2.0).check()  # before anything is built

@@ -37,7 +37,7 @@ import torch
 from provenance import provenance
 from scipy.stats import spearmanr
 
-from nas import shapes
+from nas.worlds import shapes
 from nas.worlds.generate import check_eta, initial_noise
 from nas.worlds.tiny import TinyWorldConfig, load_tiny_world
 from search_spaces import UserError
