@@ -29,7 +29,8 @@ from nas.cli import main
 from nas.experiment import load_experiment
 from nas.search.evolve import RunDir
 from nas.search.run import experiment_space, run_search
-from nas.worlds.sd import load_sd_world, read_val_prompts, world_space
+from nas.worlds.coco import read_val_prompts
+from nas.worlds.sd import load_sd_world, world_space
 from search_spaces import UserError, load_space
 
 ROOT = Path(__file__).resolve().parents[1]
