@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -105,6 +107,20 @@ class ElasticUNet(nn.Module):
             while len(copies) < n - 1:
                 copies.append(_clone(self.unet.get_submodule(path)))
         self._arch = arch
+
+    @contextmanager
+    def frozen_in(self, arch: Architecture) -> Iterator[ElasticUNet]:
+        """The model running `arch` in eval mode (every instance of `arch` runs, no robust-
+        training skips), as an export traces it; architecture and mode restored afterwards,
+        also on error."""
+        previous, was_training = self.architecture, self.training
+        self.set_architecture(arch)  # validates; creates the copies `arch` needs
+        self.eval()
+        try:
+            yield self
+        finally:
+            self.set_architecture(previous)
+            self.train(was_training)
 
     def sample_architecture(self, seed: int) -> Architecture:
         """Set and return a random legal architecture of the space."""

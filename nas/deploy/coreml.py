@@ -102,15 +102,8 @@ def export_program(
     The model's architecture and train/eval mode are restored afterwards, also on error.
     """
     inputs = example_inputs(model, batch, latent)
-    previous, was_training = model.architecture, model.training
-    model.set_architecture(arch)  # validates; raises ArchitectureError (a UserError)
-    model.eval()  # no robust-training skips: every instance of `arch` runs
-    try:
-        exported = torch.export.export(UNetForExport(model), inputs)
-        return exported.run_decompositions({})
-    finally:
-        model.set_architecture(previous)
-        model.train(was_training)
+    with model.frozen_in(arch):  # validates `arch`: an ArchitectureError is a UserError
+        return torch.export.export(UNetForExport(model), inputs).run_decompositions({})
 
 
 def export_coreml(

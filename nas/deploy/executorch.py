@@ -39,15 +39,9 @@ def lower_network(
     Sets `attention` on every attention block of `model` (copies included) and leaves it set:
     the deployed network must run the processor its table was measured with."""
     inputs = example_inputs(model, batch, latent)
-    previous, was_training = model.architecture, model.training
-    model.set_architecture(arch)  # validates; creates the copies `arch` needs
-    et.set_attention_processor(model, attention)
-    model.eval()  # no robust-training skips
-    try:
+    with model.frozen_in(arch):
+        et.set_attention_processor(model, attention)
         return et.lower(UNetForExport(model), inputs, delegate, attention), inputs
-    finally:
-        model.set_architecture(previous)
-        model.train(was_training)
 
 
 def export_executorch(
