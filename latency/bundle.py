@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import Field, StringConstraints, ValidationError
 
 from search_spaces import UserError
 
+from .api_bodies import Body, Latency, Scalar
 from .backends import Timing
 from .jobs import JobStore
 from .profile import progress_bar
@@ -131,21 +132,14 @@ def export_bundle(
 
 # -- results ----------------------------------------------------------------------------------
 
-Latency = Annotated[float, Field(gt=0, allow_inf_nan=False)]
-Scalar = str | int | Annotated[float, Field(allow_inf_nan=False)] | bool | None
 
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
-class ResultEntry(_Strict):
+class ResultEntry(Body):
     sig_hash: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{16}$")]
     samples_ms: list[Latency] | None = Field(None, min_length=1, max_length=100_000)
     error: Annotated[str, StringConstraints(min_length=1, max_length=20_000)] | None = None
 
 
-class ResultsFile(_Strict):
+class ResultsFile(Body):
     format: Literal["diffnas-results"]
     version: Literal[1]
     bundle_id: str
