@@ -155,7 +155,7 @@ def agent_cmd(
 
 def bundle_cmd(
     out: Path = typer.Argument(..., help="New folder for the models and manifest.json."),
-    device: str = typer.Option(..., "--device", help="A Core ML device (a phone)."),
+    device: str = typer.Option(..., "--device", help="A phone: a Core ML or an ExecuTorch device."),
     db: Db = None,
     space: str = typer.Option(
         None, "--space", help="First queue the blocks of this space that the device lacks."
@@ -163,20 +163,30 @@ def bundle_cmd(
     kind: str = typer.Option(
         None, "--kind", help="Register DEVICE first, as this kind (e.g. iphone-14-pro)."
     ),
-    compute_unit: str = typer.Option(
-        "ALL", "--compute-unit", help="With --kind: ALL, CPU_ONLY, CPU_AND_GPU or CPU_AND_NE."
+    backend: str = typer.Option(
+        "coreml", "--backend", help="With --kind: coreml (.mlpackage) or executorch (.pte)."
     ),
-    precision: str = typer.Option("fp16", "--precision", help="With --kind: fp16 or fp32."),
+    compute_unit: str = typer.Option(
+        None,
+        "--compute-unit",
+        help="With --kind: coreml: ALL (default), CPU_ONLY, CPU_AND_GPU or CPU_AND_NE; "
+        "executorch: the delegate, xnnpack (default), coreml, vulkan, ...",
+    ),
+    precision: str = typer.Option(
+        None, "--precision", help="With --kind: fp16 or fp32 (default: coreml fp16, else fp32)."
+    ),
     repeats: int = typer.Option(10, "--repeats", help="Timed runs the app should make."),
     warmup: int = typer.Option(3, "--warmup", help="Untimed runs the app should make first."),
 ) -> None:
-    """Export DEVICE's queued jobs as .mlpackages + manifest.json for an on-device app."""
+    """Export DEVICE's queued jobs as .mlpackages or .pte programs + manifest.json for the
+    phone."""
     from .bundle import export_bundle
     from .jobs import JobStore
 
     with JobStore(db_path(db)) as store:
         if kind is not None:
-            store.add_device(device, kind, "coreml", compute_unit, precision)
+            precision = precision or ("fp16" if backend == "coreml" else "fp32")
+            store.add_device(device, kind, backend, compute_unit, precision)
         if space is not None:
             d = store.device(device)
             from .signature import signatures
