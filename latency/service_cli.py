@@ -109,7 +109,7 @@ def agent_cmd(
     """Lease profiling jobs of DEVICE, time them here, post the results; until stopped."""
     from .agent import Agent, install_signal_handlers
     from .auth import AGENT_ENV, read_token_file
-    from .backends import get_backend
+    from .backends import setting_backend
     from .client import Client
 
     if token_file is not None:
@@ -128,12 +128,10 @@ def agent_cmd(
                 f"device {device!r} is registered with backend {info['backend']}, not {backend}; "
                 f"start the agent with --backend {info['backend']}"
             )
-        return get_backend(
-            info["backend"],
+        return setting_backend(
+            info,
             adb=adb,  # built here, timed on the phone (latency/backends/android.py)
             runner=runner,
-            compute_unit=info["compute_unit"],
-            precision=info["precision"],
             repeats=repeats,
             warmup=warmup,
             threads=threads,
@@ -224,7 +222,7 @@ def transfer_cmd(
     threads: Threads = None,
 ) -> None:
     """Fill B's table from A's with K measurements on B (the rest stored as `predicted`)."""
-    from .backends import get_backend
+    from .backends import get_backend, setting_backend
     from .jobs import JobStore, NotFound
     from .signature import signatures
     from .transfer import transfer
@@ -251,10 +249,8 @@ def transfer_cmd(
         sigs = signatures(load_space(space), src["precision"]) if space else None
         measure = None
         if not queue:
-            b = get_backend(
-                setting["backend"],
-                compute_unit=setting["compute_unit"],
-                precision=setting["precision"],
+            b = setting_backend(
+                setting,
                 repeats=repeats,
                 warmup=warmup,
                 threads=threads,

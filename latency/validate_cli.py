@@ -9,7 +9,7 @@ import typer
 
 from search_spaces import load_space
 
-from .backends import get_backend
+from .backends import setting_backend
 from .cli_options import Db, console, open_table
 from .predict import Predictor
 
@@ -83,10 +83,8 @@ def validate_command(measure_factory):
                 calibrate=False,
             )
             s = predictor.setting
-            backend = get_backend(
-                s["backend"],
-                compute_unit=s["compute_unit"],
-                precision=s["precision"],
+            backend = setting_backend(
+                s,
                 repeats=repeats,
                 threads=threads,
             )

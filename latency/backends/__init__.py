@@ -12,7 +12,15 @@ from search_spaces import UserError
 
 from .base import BACKENDS, Backend, Timing, register
 
-__all__ = ["BACKENDS", "Backend", "Timing", "backend_class", "get_backend", "register"]
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "Timing",
+    "backend_class",
+    "get_backend",
+    "register",
+    "setting_backend",
+]
 
 
 def backend_class(name: str) -> type[Backend]:
@@ -38,3 +46,14 @@ def get_backend(name: str, adb: str | None = None, runner=None, **kwargs) -> Bac
 
         return android_backend(name, adb, runner, **kwargs)
     return cls(**kwargs)
+
+
+def setting_backend(setting: dict, **kwargs) -> Backend:
+    """The backend of a table setting (a dict with backend, compute_unit and precision, as a
+    device or `LatencyTable.setting` has it), with timing `kwargs` as `get_backend` takes."""
+    return get_backend(
+        setting["backend"],
+        compute_unit=setting["compute_unit"],
+        precision=setting["precision"],
+        **kwargs,
+    )
