@@ -1,10 +1,12 @@
-"""Phones: profiling jobs as a folder of Core ML models, and their results brought back.
+"""Phones: profiling jobs as a folder of models, and their results brought back.
 
 A phone runs no Python and no agent. `export_bundle` writes the device's queued jobs as
-`.mlpackage`s plus a `manifest.json` saying, for each model, its signature hash and its
-inputs (names, shapes, types) and the compute unit to time it on. An app on the phone times
-each model and writes `results.json`; `import_results` checks it against the manifest (kept
-in the database when the bundle is made) and stores it: all of it, or nothing.
+models in the device's format (Core ML devices: `.mlpackage`s; ExecuTorch devices: `.pte`
+programs, lowered to the device's delegate) plus a `manifest.json` saying, for each model,
+its signature hash and its inputs (names, shapes, types) and the compute unit to time it on.
+An app on the phone (or ExecuTorch's `executor_runner`) times each model and writes
+`results.json`; `import_results` checks it against the manifest (kept in the database when
+the bundle is made) and stores it: all of it, or nothing.
 Both formats are documented in docs/latency-service.md.
 """
 
@@ -14,29 +16,21 @@ import json
 import secrets
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import Field, StringConstraints, ValidationError
 
 from search_spaces import UserError
 
-from .backends import Timing
+from .api_bodies import Body, Latency, Scalar
+from .backends import Backend, Timing, get_backend
 from .jobs import JobStore
 from .profile import progress_bar
 from .signature import BlockSignature
 
 BUNDLE_FORMAT, RESULTS_FORMAT, VERSION = "diffnas-bundle", "diffnas-results", 1
-
-
-def coreml_converter(compute_unit: str, precision: str) -> Callable[[BlockSignature], Path]:
-    """Signature -> converted `.mlpackage` (cached by the Core ML backend)."""
-    from .backends.coreml import CoreMLBackend
-
-    backend = CoreMLBackend(compute_unit=compute_unit, precision=precision)
-    return backend.convert_model
 
 
 def package_io(path: Path) -> tuple[list[dict], list[dict]]:
@@ -60,23 +54,56 @@ def package_io(path: Path) -> tuple[list[dict], list[dict]]:
     return describe(spec.description.input), describe(spec.description.output)
 
 
+# ExecuTorch's scalar type codes (c10::ScalarType) as the manifest names them (numpy's names,
+# as for Core ML)
+_PTE_DTYPES = {3: "int32", 4: "int64", 5: "float16", 6: "float32", 11: "bool", 15: "bfloat16"}
+
+
+def program_io(path: Path, signature: BlockSignature) -> tuple[list[dict], list[dict]]:
+    """Inputs and outputs of a `.pte` as the runtime sees them (its `forward`'s tensor
+    metadata); a program takes its inputs by position, named here as the block names them."""
+    from . import executorch as et
+
+    meta = et.load(path).method_meta("forward")
+
+    def describe(info, name: str) -> dict:
+        dtype = _PTE_DTYPES.get(info.dtype(), f"scalar type {info.dtype()}")
+        return {"name": name, "shape": list(info.sizes()), "dtype": dtype}
+
+    names = [name for name, _ in signature.inputs]
+    inputs = [describe(meta.input_tensor_meta(i), names[i]) for i in range(meta.num_inputs())]
+    outputs = [
+        describe(meta.output_tensor_meta(i), "output" if i == 0 else f"output_{i}")
+        for i in range(meta.num_outputs())
+    ]
+    return inputs, outputs
+
+
+# how each backend's models travel: the file suffix, and how to read their inputs and outputs
+FORMATS = {
+    "coreml": (".mlpackage", lambda path, signature: package_io(path)),
+    "executorch": (".pte", program_io),
+}
+
+
 def export_bundle(
     store: JobStore,
     device: str,
     out: Path,
     warmup: int = 3,
     repeats: int = 10,
-    convert: Callable[[BlockSignature], Path] | None = None,
+    backend: Backend | None = None,
     progress: bool = True,
 ) -> dict:
     """Write the device's queued jobs to `out` (a new or empty folder); returns the manifest.
 
     The manifest is written last, so a folder without one is an interrupted export."""
     d = store.device(device)
-    if d.backend != "coreml":
+    if d.backend not in FORMATS:
         raise UserError(
-            f"device {device!r} is registered with backend {d.backend}; bundles are for Core ML "
-            "devices (phones). Run `diffnas latency agent` next to this device instead"
+            f"device {device!r} is registered with backend {d.backend}; bundles are for phones "
+            "(Core ML or ExecuTorch devices). Run `diffnas latency agent` next to this device "
+            "instead"
         )
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} exists and is not an empty folder; give a new folder")
@@ -86,7 +113,9 @@ def export_bundle(
             f"device {device!r} has no queued jobs; queue some with --space NAME "
             f"(or POST /devices/{device}/jobs)"
         )
-    convert = convert or coreml_converter(d.compute_unit, d.precision)
+    suffix, read_io = FORMATS[d.backend]
+    # the device's backend converts (once, then from its cache): .mlpackage or .pte
+    backend = backend or get_backend(d.backend, compute_unit=d.compute_unit, precision=d.precision)
     (out / "models").mkdir(parents=True, exist_ok=True)
     models = []
     with progress_bar() as bar:
@@ -94,9 +123,10 @@ def export_bundle(
         for job in jobs:
             sig = job.signature
             bar.update(task, description=f"{sig.describe():<48}")
-            target = out / "models" / f"{sig.hash}.mlpackage"
-            shutil.copytree(convert(sig), target)
-            inputs, outputs = package_io(target)
+            target = out / "models" / f"{sig.hash}{suffix}"
+            model = backend.convert_model(sig)
+            (shutil.copytree if model.is_dir() else shutil.copy2)(model, target)
+            inputs, outputs = read_io(target, sig)
             models.append(
                 {
                     "job_id": job.id,
@@ -122,6 +152,9 @@ def export_bundle(
         "timing": {"warmup": warmup, "repeats": repeats},
         "models": models,
     }
+    if d.backend == "executorch":  # a .pte runs only on the runtime version that wrote it
+        made_with = backend.versions()
+        manifest["runtime"] = {k: made_with[k] for k in ("executorch", "delegate", "attention")}
     store.add_bundle(manifest["bundle_id"], device, manifest)
     tmp = out / "manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=1) + "\n")
@@ -131,21 +164,14 @@ def export_bundle(
 
 # -- results ----------------------------------------------------------------------------------
 
-Latency = Annotated[float, Field(gt=0, allow_inf_nan=False)]
-Scalar = str | int | Annotated[float, Field(allow_inf_nan=False)] | bool | None
 
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
-class ResultEntry(_Strict):
+class ResultEntry(Body):
     sig_hash: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{16}$")]
     samples_ms: list[Latency] | None = Field(None, min_length=1, max_length=100_000)
     error: Annotated[str, StringConstraints(min_length=1, max_length=20_000)] | None = None
 
 
-class ResultsFile(_Strict):
+class ResultsFile(Body):
     format: Literal["diffnas-results"]
     version: Literal[1]
     bundle_id: str
@@ -221,7 +247,9 @@ def import_results(store: JobStore, device: str, path: Path) -> ImportReport:
             raise bad(f"results[{i}]: give either samples_ms or error")
         seen.add(r.sig_hash)
 
-    versions: dict[str, Any] = {**results.environment, "bundle": results.bundle_id}
+    # what the models were made for (ExecuTorch: its version, delegate, attention processor)
+    made_for = manifest.get("runtime", {})
+    versions: dict[str, Any] = {**made_for, **results.environment, "bundle": results.bundle_id}
     timed = [r for r in results.results if r.samples_ms is not None]
     done = store.complete_many(
         [(models[r.sig_hash]["job_id"], Timing(r.samples_ms, versions)) for r in timed], None

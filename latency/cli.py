@@ -3,35 +3,25 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from search_spaces import Architecture, load_space
 
+from . import service_cli
 from .backends import get_backend
+from .cli_options import Adb, Db, Repeats, Runner, Threads, Warmup, console, db_path, open_table
+from .measurement import check_device_name
 from .predict import Predictor
 from .profile import NoiseGuard, build_table
 from .signature import unet_parts
-from .table import LatencyTable, check_device_name
+from .table import LatencyTable
 
 app = typer.Typer(
     help="Latency lookup tables: build, show, predict, validate.", no_args_is_help=True
 )
-console = Console()
-
-DB_HELP = "SQLite table file (default: $DIFFNAS_LATENCY_DB or ./latency.db)."
-
-
-def default_db() -> Path:
-    return Path(os.environ.get("DIFFNAS_LATENCY_DB", "latency.db"))
-
-
-def open_table(db: Path | None) -> LatencyTable:
-    return LatencyTable(db or default_db())
 
 
 @app.command("build")
@@ -46,10 +36,10 @@ def build_cmd(
         "xnnpack (timed here) or coreml|vulkan (built here, timed on the device)",
     ),
     precision: str = typer.Option("fp32", "--precision", help="fp32, fp16 or bf16."),
-    db: Path = typer.Option(None, "--db", help=DB_HELP),
-    repeats: int = typer.Option(10, "--repeats", help="Timed runs per block."),
-    warmup: int = typer.Option(3, "--warmup", help="Untimed runs first."),
-    threads: int = typer.Option(None, "--threads", help="torch threads (default: torch's)."),
+    db: Db = None,
+    repeats: Repeats = 10,
+    warmup: Warmup = 3,
+    threads: Threads = None,
     force: bool = typer.Option(False, "--force", help="Measure again what the table has."),
     rounds: int = typer.Option(
         1, "--rounds", help="Passes over the blocks in new orders; each keeps its fastest."
@@ -69,12 +59,8 @@ def build_cmd(
     strict: bool = typer.Option(
         False, "--strict", help="Noise guard above --max-spread: store nothing (exit 2)."
     ),
-    adb: str = typer.Option(
-        None, "--adb", help="executorch: time on this Android phone (adb serial), not here."
-    ),
-    runner: Path = typer.Option(
-        None, "--runner", help="With --adb: ExecuTorch's executor_runner built for the phone."
-    ),
+    adb: Adb = None,
+    runner: Runner = None,
 ) -> None:
     """Profile every block signature of SPACE that the table lacks."""
     check_device_name(device)
@@ -89,7 +75,10 @@ def build_cmd(
                 "--attention is a setting of --backend executorch", param_hint="--attention"
             )
         extra["attention"] = attention
-    settings = dict(
+    b = get_backend(
+        backend,
+        adb=adb,
+        runner=runner,
         compute_unit=compute_unit,
         precision=precision,
         repeats=repeats,
@@ -97,14 +86,6 @@ def build_cmd(
         threads=threads,
         **extra,
     )
-    if adb is not None:
-        from .backends.android import android_backend
-
-        b = android_backend(
-            backend, adb, runner, **{**settings, "compute_unit": compute_unit or "xnnpack"}
-        )
-    else:
-        b = get_backend(backend, **settings)
     sp = load_space(space)
     guard = NoiseGuard(max_spread=max_spread, strict=strict)
     with open_table(db) as table:
@@ -123,7 +104,7 @@ def show_cmd(
     device: str = typer.Option(None, "--device", help="Device to show (default: list devices)."),
     space: str = typer.Option(None, "--space", help="Break the original network down by stage."),
     plot: Path = typer.Option(None, "--plot", help="Write per-stage CA/ResNet bars (PNG)."),
-    db: Path = typer.Option(None, "--db", help=DB_HELP),
+    db: Db = None,
     backend: str = typer.Option(None, "--backend"),
     precision: str = typer.Option(None, "--precision"),
     ops: str = typer.Option(
@@ -248,7 +229,7 @@ def predict_cmd(
     space: str = typer.Argument(..., help="Space name or YAML file."),
     arch: Path = typer.Argument(None, help="Architecture JSON (default: the original)."),
     device: str = typer.Option(..., "--device"),
-    db: Path = typer.Option(None, "--db", help=DB_HELP),
+    db: Db = None,
     backend: str = typer.Option(None, "--backend"),
     precision: str = typer.Option(None, "--precision"),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
@@ -280,7 +261,7 @@ def predict_cmd(
 def export_cmd(
     out: Path = typer.Argument(..., help="Output file: .json or .csv."),
     device: str = typer.Option(None, "--device", help="Only this device."),
-    db: Path = typer.Option(None, "--db", help=DB_HELP),
+    db: Db = None,
 ) -> None:
     """Write the table's rows as JSON or CSV."""
     if out.exists():
@@ -294,7 +275,7 @@ def export_cmd(
 @app.command("import")
 def import_cmd(
     file: Path = typer.Argument(..., help="A JSON or CSV export, or an app's results.json."),
-    db: Path = typer.Option(None, "--db", help=DB_HELP),
+    db: Db = None,
     device: str = typer.Option(
         None, "--device", help="The device of on-device results (required for them)."
     ),
@@ -308,7 +289,7 @@ def import_cmd(
 
         if device is None:
             raise typer.BadParameter("on-device results need --device", param_hint="--device")
-        with JobStore(db or default_db()) as store:
+        with JobStore(db_path(db)) as store:
             r = import_results(store, device, file)
         console.print(
             f"imported {len(r.stored)} result(s) for {device}; {len(r.already)} already stored, "
@@ -346,125 +327,9 @@ def signatures_cmd(
 def register_validate(measure_factory) -> None:
     """Add `latency validate`; the nas side supplies how whole networks are timed
     (`measure_factory(space, backend) -> callable(arch) -> ms`), keeping latency free of nas."""
+    from .validate_cli import validate_command
 
-    @app.command("validate")
-    def validate_cmd(
-        space: str = typer.Argument(..., help="Space name or YAML file."),
-        device: str = typer.Option(..., "--device"),
-        samples: int = typer.Option(20, "--samples", help="Random architectures to measure."),
-        db: Path = typer.Option(None, "--db", help=DB_HELP),
-        repeats: int = typer.Option(5, "--repeats", help="Timed runs per network."),
-        rounds: int = typer.Option(
-            2,
-            "--rounds",
-            help="Passes over all networks, each in a new order: 1, or an even number. Each "
-            "network keeps its fastest of the odd rounds (judged); its fastest of the even rounds "
-            "measures the timing noise the same way.",
-        ),
-        threads: int = typer.Option(None, "--threads"),
-        seed: int = typer.Option(0, "--seed"),
-        protocol: str = typer.Option(
-            "separate",
-            "--protocol",
-            help="separate: predict from the table as it is (what a search uses). paired: "
-            "time each network right after its own blocks and predict from those, which checks "
-            "the additive model free of the machine's drift since the table was built (the "
-            "table is not changed).",
-        ),
-        out: Path = typer.Option(
-            Path("latency_validation"),
-            "--out",
-            help="Folder for the JSON report and the scatter PNG.",
-        ),
-        calibrate: bool = typer.Option(
-            False, "--calibrate", help="Store the fitted calibration with the table."
-        ),
-        as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
-        backend: str = typer.Option(None, "--backend", help="Setting of the device to check."),
-        compute_unit: str = typer.Option(None, "--compute-unit"),
-        precision: str = typer.Option(None, "--precision"),
-    ) -> None:
-        """Predicted vs measured whole networks: MAPE, ±5%/±10% shares, Kendall τ."""
-        from .validate import PROTOCOLS, scatter_plot, validate
-
-        if protocol not in PROTOCOLS:
-            raise typer.BadParameter(
-                f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}",
-                param_hint="--protocol",
-            )
-        if samples < 2:
-            raise typer.BadParameter("need at least 2 samples", param_hint="--samples")
-        if rounds < 1:
-            raise typer.BadParameter("need at least 1 round", param_hint="--rounds")
-        if rounds % 2 and rounds > 1:
-            raise typer.BadParameter(
-                f"{rounds}: give 1, or an even number (half the rounds measure the noise)",
-                param_hint="--rounds",
-            )
-        sp = load_space(space)
-        with open_table(db) as table:
-            predictor = Predictor(
-                sp,
-                table,
-                device,
-                backend=backend,
-                compute_unit=compute_unit,
-                precision=precision,
-                calibrate=False,
-            )
-            s = predictor.setting
-            backend = get_backend(
-                s["backend"],
-                compute_unit=s["compute_unit"],
-                precision=s["precision"],
-                repeats=repeats,
-                threads=threads,
-            )
-            measure = measure_factory(sp, backend)
-            report = validate(
-                sp,
-                predictor,
-                measure,
-                samples,
-                seed=seed,
-                rounds=rounds,
-                protocol=protocol,
-                profile=lambda sig: backend.profile(sig).median_ms,
-            )
-            if calibrate:
-                c = report.calibration
-                table.add_calibration(
-                    device,
-                    sp.name,
-                    c["slope"],
-                    c["intercept"],
-                    len(report.archs),
-                    report.mape,
-                    c["mape_after"],
-                    backend=s["backend"],
-                    compute_unit=s["compute_unit"],
-                    precision=s["precision"],
-                )
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f"{sp.name}-{device}.json").write_text(json.dumps(report.to_dict(), indent=2))
-        scatter_plot(report, out / f"{sp.name}-{device}.png")
-        if as_json:
-            console.print_json(json.dumps(report.to_dict()))
-        else:
-            console.print(
-                f"{sp.name} on {device} ({protocol}): MAPE {report.mape:.2f}%, within ±5% "
-                f"{100 * report.within_5:.0f}%, within ±10% {100 * report.within_10:.0f}%, "
-                f"Kendall τ {report.kendall_tau:.3f} ({len(report.archs)} networks)\n"
-                f"calibrated MAPE {report.calibration['mape_after']:.2f}%; wrote {out}/"
-            )
-            if report.repeat:  # what the same networks measured twice agree to
-                r = report.repeat
-                console.print(
-                    f"timing noise (round 2 vs round 1): MAPE {r['mape']:.2f}%, "
-                    f"Kendall τ {r['kendall_tau']:.3f}"
-                )
+    app.command("validate")(validate_command(measure_factory))
 
 
-from .service_cli import register as _register_service  # noqa: E402
-
-_register_service(app)
+service_cli.register(app)

@@ -1,4 +1,5 @@
-"""The latency service's devices, tokens and profiling jobs, kept in the latency table's file.
+"""The latency service's profiling jobs, kept in the latency table's file beside its devices
+and tokens (latency/registry.py).
 
 Results are not stored here: a finished job points at the `measurements` row (LatencyTable)
 that answers it, and the two are written in one SQLite transaction, so the table stays the
@@ -20,44 +21,23 @@ import inspect
 import json
 import secrets
 import sqlite3
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 
 from search_spaces import UserError
 
-from .auth import hash_token, new_token
-from .backends import BACKENDS, Backend, Timing
+from .backends import Timing
+from .measurement import Measurement
+from .registry import Conflict, Forbidden, NotFound, Registry
 from .signature import BlockSignature
-from .table import LatencyTable, Measurement, check_device_name
 
 STATES = ("queued", "leased", "done", "failed")
-ROLES = ("admin", "agent", "reader")
 MAX_ERROR_CHARS = 4000
 
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS devices (
-    name TEXT PRIMARY KEY,
-    kind TEXT NOT NULL,
-    backend TEXT NOT NULL,
-    compute_unit TEXT NOT NULL,
-    precision TEXT NOT NULL,
-    notes TEXT NOT NULL,
-    created REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS tokens (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    token_hash TEXT NOT NULL UNIQUE,
-    role TEXT NOT NULL,
-    device TEXT,
-    label TEXT NOT NULL,
-    created REAL NOT NULL,
-    revoked REAL
-);
 CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     device TEXT NOT NULL,
@@ -87,18 +67,6 @@ CREATE TABLE IF NOT EXISTS bundles (
 """
 
 
-class NotFound(UserError):
-    """No such device, job or token (HTTP 404)."""
-
-
-class Forbidden(UserError):
-    """The caller may not act on this device (HTTP 403)."""
-
-
-class Conflict(UserError):
-    """The request does not fit the current state, e.g. a lease that expired (HTTP 409)."""
-
-
 class _AlreadyDone(Exception):
     pass
 
@@ -117,43 +85,6 @@ def in_call_order(sig: BlockSignature) -> BlockSignature:
         return sig
     ordered = {k: inputs[k] for k in sorted(inputs, key=names.index)}
     return BlockSignature.make(sig.kind, dict(sig.init), ordered, sig.dtype)
-
-
-def backend_class(name: str) -> type[Backend]:
-    from .backends import coreml, executorch_backend, torch_backend  # noqa: F401  (registers)
-
-    if name not in BACKENDS:
-        raise UserError(f"unknown backend {name!r}; choose one of {', '.join(sorted(BACKENDS))}")
-    return BACKENDS[name]
-
-
-@dataclass(frozen=True)
-class Device:
-    name: str
-    kind: str  # e.g. iphone-14-pro, xeon-2core
-    backend: str  # torch | coreml
-    compute_unit: str
-    precision: str
-    notes: str
-    created: float
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class Principal:
-    """Who is calling: the admin, an agent (for one device) or a reader."""
-
-    role: str
-    device: str | None = None  # agents only
-    token_id: int | None = None  # None for the admin token, which lives outside the database
-    label: str = ""
-
-    @property
-    def scope(self) -> str | None:
-        """The one device this caller may lease and post for; None: any (the admin)."""
-        return self.device if self.role == "agent" else None
 
 
 @dataclass
@@ -189,8 +120,9 @@ class Job:
         return d
 
 
-class JobStore:
-    """Devices, tokens and jobs next to a LatencyTable, safe to share between threads."""
+class JobStore(Registry):
+    """Devices, tokens (Registry) and jobs next to a LatencyTable, safe to share between
+    threads."""
 
     def __init__(
         self,
@@ -201,145 +133,9 @@ class JobStore:
     ):
         if lease_seconds <= 0 or max_attempts < 1:
             raise UserError("lease seconds must be > 0 and max attempts >= 1")
-        self.table = LatencyTable(path)  # creates the file, its measurements and WAL mode
-        self.path = self.table.path
-        self.lease_seconds, self.max_attempts, self.clock = lease_seconds, max_attempts, clock
-        # autocommit, with explicit BEGIN IMMEDIATE around every read-modify-write
-        self._db = sqlite3.connect(
-            self.path, timeout=30, check_same_thread=False, isolation_level=None
-        )
-        self._db.row_factory = sqlite3.Row
+        super().__init__(path, clock)
+        self.lease_seconds, self.max_attempts = lease_seconds, max_attempts
         self._db.executescript(_SCHEMA)
-        # One lock for both connections: SQLite has one writer anyway, and a shared
-        # connection must not interleave two threads' transactions.
-        self._lock = threading.RLock()
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-            self.table.close()
-
-    def __enter__(self) -> JobStore:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._expire(self.clock())
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
-
-    # -- devices ------------------------------------------------------------------------------
-
-    def add_device(
-        self,
-        name: str,
-        kind: str,
-        backend: str,
-        compute_unit: str | None = None,
-        precision: str = "fp32",
-        notes: str = "",
-    ) -> tuple[Device, bool]:
-        """Register a device; registering the same settings again is a no-op (created False)."""
-        check_device_name(name)
-        cls = backend_class(backend)
-        compute_unit = compute_unit or cls.compute_units[0]
-        if compute_unit not in cls.compute_units:
-            raise UserError(
-                f"backend {backend!r} has no compute unit {compute_unit!r}; "
-                f"choose one of {', '.join(cls.compute_units)}"
-            )
-        if precision not in cls.precisions:
-            raise UserError(
-                f"backend {backend!r} has no precision {precision!r}; "
-                f"choose one of {', '.join(cls.precisions)}"
-            )
-        new = Device(name, kind, backend, compute_unit, precision, notes, self.clock())
-        with self._write() as db:
-            row = db.execute("SELECT * FROM devices WHERE name=?", (name,)).fetchone()
-            if row is not None:
-                old = Device(**dict(row))
-                if (old.kind, old.backend, old.compute_unit, old.precision) != (
-                    kind,
-                    backend,
-                    compute_unit,
-                    precision,
-                ):
-                    raise Conflict(
-                        f"device {name!r} exists as {old.kind}, {old.backend}/"
-                        f"{old.compute_unit}/{old.precision}; a table holds one setting per "
-                        "device name, so register the new setting under another name"
-                    )
-                return old, False
-            db.execute("INSERT INTO devices VALUES (?,?,?,?,?,?,?)", tuple(asdict(new).values()))
-        return new, True
-
-    def device(self, name: str) -> Device:
-        with self._lock:
-            row = self._db.execute("SELECT * FROM devices WHERE name=?", (name,)).fetchone()
-        if row is None:
-            raise NotFound(
-                f"no device {name!r} is registered; register it with POST /devices "
-                "(admin token) and queue its jobs with POST /devices/{name}/jobs"
-            )
-        return Device(**dict(row))
-
-    def devices(self) -> list[Device]:
-        with self._lock:
-            rows = self._db.execute("SELECT * FROM devices ORDER BY name").fetchall()
-        return [Device(**dict(r)) for r in rows]
-
-    # -- tokens -------------------------------------------------------------------------------
-
-    def issue_token(self, role: str, device: str | None = None, label: str = "") -> tuple[int, str]:
-        """A new token (returned once, stored hashed). Agents are bound to one device."""
-        if role not in ("agent", "reader"):
-            raise UserError("a token's role is 'agent' or 'reader' (the admin token is not issued)")
-        if (role == "agent") != (device is not None):
-            raise UserError("an agent token needs a device; a reader token takes none")
-        if device is not None:
-            self.device(device)
-        token = new_token()
-        with self._write() as db:
-            cur = db.execute(
-                "INSERT INTO tokens (token_hash, role, device, label, created) VALUES (?,?,?,?,?)",
-                (hash_token(token), role, device, label, self.clock()),
-            )
-        return cur.lastrowid, token
-
-    def principal(self, token: str) -> Principal | None:
-        """The holder of a stored token, or None (unknown or revoked)."""
-        with self._lock:
-            row = self._db.execute(
-                "SELECT * FROM tokens WHERE token_hash=? AND revoked IS NULL", (hash_token(token),)
-            ).fetchone()
-        if row is None:
-            return None
-        return Principal(row["role"], row["device"], row["id"], row["label"])
-
-    def tokens(self) -> list[dict]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT id, role, device, label, created, revoked FROM tokens ORDER BY id"
-            ).fetchall()
-        return [dict(r) for r in rows]
-
-    def revoke_token(self, token_id: int) -> None:
-        with self._write() as db:
-            cur = db.execute(
-                "UPDATE tokens SET revoked=? WHERE id=? AND revoked IS NULL",
-                (self.clock(), token_id),
-            )
-            if cur.rowcount == 0:
-                raise NotFound(f"no active token with id {token_id}")
 
     # -- queueing -----------------------------------------------------------------------------
 
@@ -602,7 +398,7 @@ class JobStore:
             (int(count), error, self.clock(), int(count), job_id),
         )
 
-    def _expire(self, now: float) -> None:
+    def _sweep(self, now: float) -> None:
         """Leases past their time: the agent is gone (killed, cut off); the attempt counts."""
         rows = self._db.execute(
             "SELECT id, leased_by FROM jobs WHERE state='leased' AND lease_expires <= ?", (now,)

@@ -13,7 +13,6 @@ every field is validated (pydantic, strict types, finite positive latencies).
 
 from __future__ import annotations
 
-import json
 import math
 import secrets
 import socket
@@ -23,216 +22,26 @@ from collections import OrderedDict
 from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from search_spaces import Architecture, SearchSpace, UserError, list_spaces, load_space
 
-from .api_docs import DOCS_ASSETS, add_docs
+from .api_bodies import DeviceIn, FailIn, JobsIn, LeaseIn, LeaseRef, PredictIn, ResultIn, TokenIn
+from .api_docs import add_docs
 from .auth import hash_token
 from .backends import Timing
-from .jobs import Conflict, Forbidden, JobStore, NotFound, Principal
+from .gate import Admin, Agent, Caller, Gate
+from .jobs import JobStore
 from .predict import MissingSignaturesError, Predictor
+from .registry import Conflict, Forbidden, NotFound, Principal
 from .signature import BlockSignature, signatures
-from .table import DEVICE_NAME, LatencyTable
+from .table import LatencyTable
 
 MAX_BODY = 1 << 20  # 1 MiB: a queue of a few hundred signatures; raise it with --max-body
-# needing no token: liveness and the API's own description
-PUBLIC_PATHS = {"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect"}
-
-# -- request bodies ---------------------------------------------------------------------------
-
-DeviceName = Annotated[str, StringConstraints(pattern=DEVICE_NAME.pattern)]
-Label = Annotated[str, StringConstraints(max_length=200, pattern=r"^[^\x00-\x1f\x7f]*$")]
-LeaseId = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]
-Latency = Annotated[float, Field(gt=0, allow_inf_nan=False)]  # ms: finite and positive
-Scalar = str | int | Annotated[float, Field(allow_inf_nan=False)] | bool | None
-
-
-class Body(BaseModel):
-    # strict: "12" is not a number and 1.0 is not an integer; unknown fields are mistakes
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
-class DeviceIn(Body):
-    name: DeviceName
-    kind: Annotated[Label, StringConstraints(min_length=1, max_length=64)] = Field(
-        description="what the device is, e.g. iphone-14-pro or xeon-2core"
-    )
-    backend: Annotated[str, StringConstraints(pattern=r"^[a-z0-9_]{1,32}$")] = Field(
-        description="a profiling backend: torch or coreml"
-    )
-    compute_unit: str | None = Field(
-        None, description="torch: cpu|cuda|mps; coreml: ALL|CPU_ONLY|CPU_AND_GPU|CPU_AND_NE"
-    )
-    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
-    notes: Annotated[str, StringConstraints(max_length=2000)] = ""
-
-
-class JobsIn(Body):
-    space: str | None = Field(None, description="a search space the server knows, e.g. tiny")
-    signatures: list[dict[str, Any]] | None = Field(
-        None, max_length=10_000, description="block signatures, as in a table export"
-    )
-    max_attempts: Annotated[int, Field(ge=1, le=100)] | None = None
-
-    @model_validator(mode="after")
-    def _one_source(self) -> JobsIn:
-        if (self.space is None) == (self.signatures is None):
-            raise ValueError("give either 'space' or 'signatures'")
-        return self
-
-
-class LeaseIn(Body):
-    agent: Label = "agent"
-    device: DeviceName | None = Field(None, description="required with the admin token")
-
-
-class LeaseRef(Body):
-    lease_id: LeaseId
-
-
-class FailIn(Body):
-    lease_id: LeaseId
-    error: Annotated[str, StringConstraints(min_length=1, max_length=20_000)]
-
-
-class ResultIn(Body):
-    lease_id: LeaseId = Field(description="the lease the job is held under (from /jobs/lease)")
-    samples_ms: list[Latency] = Field(min_length=1, max_length=100_000)
-    versions: dict[Annotated[str, StringConstraints(max_length=100)], Scalar] = Field(
-        default_factory=dict, max_length=64
-    )
-
-
-class PredictIn(Body):
-    space: str
-    device: DeviceName
-    architecture: dict[str, Any] | None = Field(None, description="default: the original")
-    backend: str | None = None
-    compute_unit: str | None = None
-    precision: str | None = None
-    calibrate: bool = True
-
-
-class TokenIn(Body):
-    role: Literal["agent", "reader"]
-    device: DeviceName | None = None
-    label: Label = ""
-
-
-# -- authentication and body cap, before any body is parsed ----------------------------------
-
-
-class Gate:
-    """ASGI middleware: who is calling (401 for a bad or missing token), and a body cap (413).
-
-    Runs before routing, so a stranger's body is never read, and a too large body is refused
-    from its Content-Length or, when streamed, as soon as it passes the cap."""
-
-    def __init__(self, app, identify: Callable[[str], Principal | None], public_read: bool, cap):
-        self.app, self.identify, self.public_read, self.cap = app, identify, public_read, cap
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = dict(scope["headers"])
-        path, method = scope["path"], scope["method"]
-        principal = None
-        auth = headers.get(b"authorization", b"").decode("latin-1")
-        if auth:
-            scheme, _, token = auth.partition(" ")
-            if scheme.lower() != "bearer" or not token.strip():
-                return await _reply(send, 401, "the Authorization header must be 'Bearer TOKEN'")
-            principal = self.identify(token.strip())
-            if principal is None:
-                return await _reply(send, 401, "unknown or revoked token")
-        elif not _is_public(path) and not (self.public_read and _is_read(method, path)):
-            return await _reply(
-                send, 401, "this needs a token: send the header 'Authorization: Bearer TOKEN'"
-            )
-        scope["diffnas.principal"] = principal
-
-        length = headers.get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.cap):
-            return await _reply(send, 413, f"request body over the {self.cap}-byte cap")
-        body, more = b"", True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-            if len(body) > self.cap:
-                return await _reply(send, 413, f"request body over the {self.cap}-byte cap")
-        # Bodies are JSON, which travels as UTF-8 (RFC 8259, 8.1). Checked here because the
-        # framework's own parser reports other encodings as a generic 400, not as malformed.
-        try:
-            body.decode("utf-8")
-        except UnicodeDecodeError as e:
-            invalid = [{"loc": ["body", e.start], "msg": "not UTF-8 text", "type": "json_invalid"}]
-            return await _reply(send, 422, invalid)
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
-
-
-def _is_public(path: str) -> bool:
-    return path in PUBLIC_PATHS or path.startswith(DOCS_ASSETS + "/")
-
-
-def _is_read(method: str, path: str) -> bool:
-    return method in ("GET", "HEAD") or (method == "POST" and path == "/predict")
-
-
-async def _reply(send, status: int, detail: str | list[dict]) -> None:
-    body = json.dumps({"detail": detail}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
-    if status == 401:
-        headers.append((b"www-authenticate", b"Bearer"))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
-
-
-_bearer = HTTPBearer(auto_error=False)  # only to show the scheme in the OpenAPI schema
-
-
-def caller(
-    request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
-) -> Principal | None:
-    return request.scope.get("diffnas.principal")
-
-
-Caller = Annotated[Principal | None, Depends(caller)]
-
-
-def admin(p: Caller) -> Principal:
-    if p is None or p.role != "admin":
-        raise HTTPException(403, "this needs the admin token")
-    return p
-
-
-def agent(p: Caller) -> Principal:
-    if p is None or p.role not in ("admin", "agent"):
-        raise HTTPException(403, "this needs an agent token (or the admin token)")
-    return p
-
-
-Admin = Annotated[Principal, Depends(admin)]
-Agent = Annotated[Principal, Depends(agent)]
-
 
 # -- spaces and predictors, cached: loading a space and reading its UNet takes seconds --------
 

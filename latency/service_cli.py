@@ -6,27 +6,18 @@ import os
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
 from search_spaces import UserError, load_space
 
+from .cli_options import Adb, Db, Repeats, Runner, Threads, Warmup, console, db_path
+
 DEFAULT_PORT = 8470
-
-console = Console()
-
-DB_HELP = "SQLite table file (default: $DIFFNAS_LATENCY_DB or ./latency.db)."
-
-
-def _db(db: Path | None) -> Path:
-    from .cli import default_db
-
-    return db or default_db()
 
 
 def serve_cmd(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (loopback)."),
     port: int = typer.Option(DEFAULT_PORT, "--port", help="TCP port (0: any free one)."),
-    db: Path = typer.Option(None, "--db", help=DB_HELP),
+    db: Db = None,
     public_read: bool = typer.Option(
         False, "--public-read", help="Let anyone read tables and predictions without a token."
     ),
@@ -53,7 +44,7 @@ def serve_cmd(
     from .auth import admin_token, default_admin_file
     from .service import bind, create_app, loopback, serve
 
-    path = _db(db)
+    path = db_path(db)
     # plain print: the token must come out whole, never wrapped or read as markup
     token = admin_token(admin_token_file or default_admin_file(path), print)
     app = create_app(
@@ -93,9 +84,9 @@ def agent_cmd(
         "--token-file",
         help="File (mode 0600) with this device's agent token (default: $DIFFNAS_TOKEN).",
     ),
-    repeats: int = typer.Option(10, "--repeats", help="Timed runs per block."),
-    warmup: int = typer.Option(3, "--warmup", help="Untimed runs first."),
-    threads: int = typer.Option(None, "--threads", help="torch threads (default: torch's)."),
+    repeats: Repeats = 10,
+    warmup: Warmup = 3,
+    threads: Threads = None,
     name: str = typer.Option(None, "--name", help="This agent's name (default: host-pid)."),
     poll: float = typer.Option(5.0, "--poll", help="Seconds between asks when the queue is empty."),
     exit_when_empty: bool = typer.Option(
@@ -112,19 +103,13 @@ def agent_cmd(
         help="PEM certificate(s) to trust for an https:// service, e.g. its self-signed "
         "--ssl-certfile (default: the system's CAs).",
     ),
-    adb: str = typer.Option(
-        None,
-        "--adb",
-        help="executorch devices: time on this Android phone (adb serial) instead of here.",
-    ),
-    runner: Path = typer.Option(
-        None, "--runner", help="With --adb: ExecuTorch's executor_runner built for the phone."
-    ),
+    adb: Adb = None,
+    runner: Runner = None,
 ) -> None:
     """Lease profiling jobs of DEVICE, time them here, post the results; until stopped."""
     from .agent import Agent, install_signal_handlers
     from .auth import AGENT_ENV, read_token_file
-    from .backends import get_backend
+    from .backends import setting_backend
     from .client import Client
 
     if token_file is not None:
@@ -143,18 +128,14 @@ def agent_cmd(
                 f"device {device!r} is registered with backend {info['backend']}, not {backend}; "
                 f"start the agent with --backend {info['backend']}"
             )
-        settings = dict(
-            compute_unit=info["compute_unit"],
-            precision=info["precision"],
+        return setting_backend(
+            info,
+            adb=adb,  # built here, timed on the phone (latency/backends/android.py)
+            runner=runner,
             repeats=repeats,
             warmup=warmup,
             threads=threads,
         )
-        if adb is not None:  # built here, timed on the phone (latency/backends/android.py)
-            from .backends.android import android_backend
-
-            return android_backend(info["backend"], adb, runner, **settings)
-        return get_backend(info["backend"], **settings)
 
     agent = Agent(
         Client(server, token, ca=ca),
@@ -172,28 +153,38 @@ def agent_cmd(
 
 def bundle_cmd(
     out: Path = typer.Argument(..., help="New folder for the models and manifest.json."),
-    device: str = typer.Option(..., "--device", help="A Core ML device (a phone)."),
-    db: Path = typer.Option(None, "--db", help=DB_HELP),
+    device: str = typer.Option(..., "--device", help="A phone: a Core ML or an ExecuTorch device."),
+    db: Db = None,
     space: str = typer.Option(
         None, "--space", help="First queue the blocks of this space that the device lacks."
     ),
     kind: str = typer.Option(
         None, "--kind", help="Register DEVICE first, as this kind (e.g. iphone-14-pro)."
     ),
-    compute_unit: str = typer.Option(
-        "ALL", "--compute-unit", help="With --kind: ALL, CPU_ONLY, CPU_AND_GPU or CPU_AND_NE."
+    backend: str = typer.Option(
+        "coreml", "--backend", help="With --kind: coreml (.mlpackage) or executorch (.pte)."
     ),
-    precision: str = typer.Option("fp16", "--precision", help="With --kind: fp16 or fp32."),
+    compute_unit: str = typer.Option(
+        None,
+        "--compute-unit",
+        help="With --kind: coreml: ALL (default), CPU_ONLY, CPU_AND_GPU or CPU_AND_NE; "
+        "executorch: the delegate, xnnpack (default), coreml, vulkan, ...",
+    ),
+    precision: str = typer.Option(
+        None, "--precision", help="With --kind: fp16 or fp32 (default: coreml fp16, else fp32)."
+    ),
     repeats: int = typer.Option(10, "--repeats", help="Timed runs the app should make."),
     warmup: int = typer.Option(3, "--warmup", help="Untimed runs the app should make first."),
 ) -> None:
-    """Export DEVICE's queued jobs as .mlpackages + manifest.json for an on-device app."""
+    """Export DEVICE's queued jobs as .mlpackages or .pte programs + manifest.json for the
+    phone."""
     from .bundle import export_bundle
     from .jobs import JobStore
 
-    with JobStore(_db(db)) as store:
+    with JobStore(db_path(db)) as store:
         if kind is not None:
-            store.add_device(device, kind, "coreml", compute_unit, precision)
+            precision = precision or ("fp16" if backend == "coreml" else "fp32")
+            store.add_device(device, kind, backend, compute_unit, precision)
         if space is not None:
             d = store.device(device)
             from .signature import signatures
@@ -215,7 +206,7 @@ def transfer_cmd(
     source: str = typer.Option(..., "--from", help="Fully measured device A."),
     target: str = typer.Option(..., "--to", help="New device B."),
     budget: int = typer.Option(10, "--budget", help="Blocks to measure on B (K)."),
-    db: Path = typer.Option(None, "--db", help=DB_HELP),
+    db: Db = None,
     space: str = typer.Option(None, "--space", help="Only the blocks of this space."),
     backend: str = typer.Option(None, "--backend", help="B's backend if B is new (default torch)."),
     compute_unit: str = typer.Option(None, "--compute-unit", help="B's compute unit if new."),
@@ -226,17 +217,17 @@ def transfer_cmd(
         help="Queue the chosen blocks as B's jobs instead of timing them "
         "here; run again once agents have measured them.",
     ),
-    repeats: int = typer.Option(10, "--repeats", help="Timed runs per block."),
-    warmup: int = typer.Option(3, "--warmup", help="Untimed runs first."),
-    threads: int = typer.Option(None, "--threads", help="torch threads (default: torch's)."),
+    repeats: Repeats = 10,
+    warmup: Warmup = 3,
+    threads: Threads = None,
 ) -> None:
     """Fill B's table from A's with K measurements on B (the rest stored as `predicted`)."""
-    from .backends import get_backend
+    from .backends import get_backend, setting_backend
     from .jobs import JobStore, NotFound
     from .signature import signatures
     from .transfer import transfer
 
-    with JobStore(_db(db)) as store:
+    with JobStore(db_path(db)) as store:
         table = store.table
         src = table.setting(source)
         try:
@@ -258,10 +249,8 @@ def transfer_cmd(
         sigs = signatures(load_space(space), src["precision"]) if space else None
         measure = None
         if not queue:
-            b = get_backend(
-                setting["backend"],
-                compute_unit=setting["compute_unit"],
-                precision=setting["precision"],
+            b = setting_backend(
+                setting,
                 repeats=repeats,
                 warmup=warmup,
                 threads=threads,

@@ -46,6 +46,23 @@ def experiment_env():
 
 
 @pytest.fixture
+def run_cli(capsys) -> Callable[..., tuple[int, str, str]]:
+    """`run_cli(*args)`: `diffnas ARGS` in this process; (exit code, stdout, stderr)."""
+    from nas.cli import main
+
+    def run(*args) -> tuple[int, str, str]:
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+@pytest.fixture
 def write_yaml(tmp_path: Path) -> Callable[..., Path]:
     """Write a (dedented) YAML text under tmp_path and return its path."""
 

@@ -14,10 +14,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from small_blocks import resnet_sig
 
 from latency.adb import Adb
 from latency.backends.android import REMOTE_DIR, AndroidExecuTorchBackend, android_backend
-from latency.signature import BlockSignature
 from latency.table import LatencyTable
 from nas.cli import main
 from search_spaces import UserError
@@ -60,23 +60,6 @@ def runner(tmp_path_factory):
     )
 
 
-def block() -> BlockSignature:
-    init = {
-        "in_channels": 8,
-        "out_channels": 8,
-        "temb_channels": 16,
-        "groups": 4,
-        "groups_out": 4,
-        "eps": 1e-5,
-        "non_linearity": "swish",
-        "time_embedding_norm": "default",
-        "output_scale_factor": 1.0,
-        "conv_shortcut": False,
-        "skip_time_act": False,
-    }
-    return BlockSignature.make("resnet", init, {"hidden_states": (1, 8, 4, 4), "temb": (1, 16)})
-
-
 def backend(runner, serial=SERIAL, **kw) -> AndroidExecuTorchBackend:
     settings = {"repeats": 3, "warmup": 1, "threads": 1, **kw}
     return android_backend("executorch", serial, runner, **settings)
@@ -84,11 +67,11 @@ def backend(runner, serial=SERIAL, **kw) -> AndroidExecuTorchBackend:
 
 def test_a_block_is_timed_on_the_phone_by_its_runner(env, runner):
     b = backend(runner, etdump=True)
-    timing = b.profile(block())
+    timing = b.profile(resnet_sig())
     assert len(timing.samples) == 3 and min(timing.samples) > 0
     assert timing.versions["device_serial"] == SERIAL and timing.versions["delegate"] == "xnnpack"
     on_phone = env / REMOTE_DIR.lstrip("/")
-    program = b.program_path(block())
+    program = b.program_path(resnet_sig())
     assert (on_phone / "executor_runner").is_file()
     assert (on_phone / program.name).read_bytes() == program.read_bytes()  # the host's .pte
     assert program.with_suffix(".etdump").stat().st_size > 0  # the last run's trace, pulled
@@ -105,7 +88,7 @@ def test_a_block_is_timed_on_the_phone_by_its_runner(env, runner):
 def test_a_runner_that_fails_or_prints_no_timing_is_one_clear_error(env, tmp_path, body, message):
     bad = script(tmp_path / "executor_runner", body)
     with pytest.raises(UserError, match=message):
-        backend(bad).profile(block())
+        backend(bad).profile(resnet_sig())
 
 
 def test_adb_missing_or_phone_not_connected(env, runner, monkeypatch, tmp_path):
@@ -144,7 +127,7 @@ def test_the_agent_times_its_jobs_on_the_phone(env, runner, tmp_path, capsys, mo
         device = {"name": "pixel", "kind": "pixel-8", "backend": "executorch"}
         assert server.call("POST", "/devices", {**device, "compute_unit": "xnnpack"})[0] == 201
         status, out = server.call(
-            "POST", "/devices/pixel/jobs", {"signatures": [block().to_dict()]}
+            "POST", "/devices/pixel/jobs", {"signatures": [resnet_sig().to_dict()]}
         )
         assert status == 201, out
         token = server.call("POST", "/tokens", {"role": "agent", "device": "pixel"})[1]["token"]

@@ -16,12 +16,12 @@ import textwrap
 import pytest
 import torch
 from diffusers.models import attention_processor
+from small_blocks import attention_sig, resnet_sig
 
 from latency import executorch as et
 from latency.backends import get_backend
 from latency.signature import BlockSignature
 from latency.table import LatencyTable
-from nas.cli import main
 from nas.deploy.executorch import ExecuTorchNetworkTimer, export_executorch
 from nas.supernet import ElasticUNet
 from search_spaces import UserError, load_space
@@ -54,40 +54,6 @@ rules:
 """
 
 
-def resnet_sig(channels: int = 8) -> BlockSignature:
-    init = {
-        "in_channels": channels,
-        "out_channels": channels,
-        "temb_channels": 16,
-        "groups": 4,
-        "groups_out": 4,
-        "eps": 1e-5,
-        "non_linearity": "swish",
-        "time_embedding_norm": "default",
-        "output_scale_factor": 1.0,
-        "conv_shortcut": False,
-        "skip_time_act": False,
-    }
-    return BlockSignature.make(
-        "resnet", init, {"hidden_states": (1, channels, 4, 4), "temb": (1, 16)}
-    )
-
-
-def attention_sig() -> BlockSignature:
-    init = {
-        "num_attention_heads": 2,
-        "attention_head_dim": 4,
-        "in_channels": 8,
-        "cross_attention_dim": 16,
-        "norm_num_groups": 4,
-    }
-    return BlockSignature.make(
-        "cross_attention",
-        init,
-        {"hidden_states": (1, 8, 4, 4), "encoder_hidden_states": (1, 4, 16)},
-    )
-
-
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("DIFFNAS_CACHE", str(tmp_path / "cache"))
@@ -99,16 +65,6 @@ def micro_space(tmp_path_factory):
     path = tmp_path_factory.mktemp("micro") / "micro.yaml"
     path.write_text(textwrap.dedent(MICRO).lstrip())
     return path
-
-
-def run_cli(capsys, *args) -> tuple[int, str, str]:
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else int(e.code is not None)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 # -- blocks ----------------------------------------------------------------------------------
@@ -188,10 +144,10 @@ def test_delegates_that_cannot_lower_or_run_here_are_refused():
         get_backend("executorch", compute_unit="gpu")
 
 
-def test_cli_refuses_a_delegate_with_exit_2_and_stores_nothing(capsys, tmp_path, micro_space):
+def test_cli_refuses_a_delegate_with_exit_2_and_stores_nothing(run_cli, tmp_path, micro_space):
     db = tmp_path / "t.db"
     code, out, err = run_cli(
-        capsys, "latency", "build", micro_space, "--device", "phone", "--db", db,
+        "latency", "build", micro_space, "--device", "phone", "--db", db,
         "--backend", "executorch", "--compute-unit", "mps",
     )  # fmt: skip
     assert code == 2 and "Traceback" not in out + err
@@ -273,10 +229,10 @@ def test_whole_network_program_computes_the_elastic_unet(tmp_path, micro_space):
     assert set(timer.lower_seconds) == {arch.hash}  # timed again, not lowered again
 
 
-def test_cli_builds_and_shows_an_executorch_table(capsys, tmp_path, micro_space, cache):
+def test_cli_builds_and_shows_an_executorch_table(run_cli, tmp_path, micro_space, cache):
     db = tmp_path / "t.db"
     code, out, err = run_cli(
-        capsys, "latency", "build", micro_space, "--device", "phone-cpu", "--db", db,
+        "latency", "build", micro_space, "--device", "phone-cpu", "--db", db,
         "--backend", "executorch", "--compute-unit", "xnnpack",
         "--repeats", 1, "--warmup", 0, "--threads", 1,
     )  # fmt: skip
@@ -285,20 +241,20 @@ def test_cli_builds_and_shows_an_executorch_table(capsys, tmp_path, micro_space,
         rows = table.rows("phone-cpu")
     assert rows and {(m.backend, m.compute_unit) for m in rows} == {("executorch", "xnnpack")}
     assert {m.versions["attention"] for m in rows} == {"classic (AttnProcessor)"}
-    code, out, err = run_cli(capsys, "latency", "predict", micro_space, "--device", "phone-cpu",
+    code, out, err = run_cli("latency", "predict", micro_space, "--device", "phone-cpu",
                              "--db", db)  # fmt: skip
     assert code == 0 and "predicted:" in out, err
 
     # per-operator breakdown of a cross-attention block, from the runtime's ETDump
     ca = next(m.signature.hash for m in rows if m.signature.kind == "cross_attention")
-    code, out, err = run_cli(capsys, "latency", "show", "--device", "phone-cpu", "--db", db,
+    code, out, err = run_cli("latency", "show", "--device", "phone-cpu", "--db", db,
                              "--ops", ca[:8])  # fmt: skip
     out = " ".join(out.split())
     assert code == 0, err
     assert "Fully Connected" in out and "xnnpack" in out  # XNNPACK's own kernels, inside
     assert "native_group_norm" in out and "portable" in out  # no XNNPACK group norm: outside
     assert "left outside the xnnpack delegate: aten.native_group_norm" in out
-    code, out, err = run_cli(capsys, "latency", "show", "--device", "phone-cpu", "--db", db,
+    code, out, err = run_cli("latency", "show", "--device", "phone-cpu", "--db", db,
                              "--ops", "zzzz")  # fmt: skip
     assert code == 2 and "no block of device 'phone-cpu' has a hash starting with 'zzzz'" in err
 

@@ -16,7 +16,6 @@ from latency.backends.torch_backend import TorchBackend
 from latency.profile import NoiseGuard, build_table, reference_signature
 from latency.signature import signatures
 from latency.table import LatencyTable
-from nas.cli import main
 from search_spaces import UserError, load_space
 
 DEVICE = "cpu-guard"
@@ -100,35 +99,25 @@ def test_nothing_to_measure_times_no_reference(tmp_path, space):
         assert report.guard is None and len(table.builds(DEVICE)) == 1
 
 
-def invoke(capsys, *args) -> tuple[int, str, str]:
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else int(e.code is not None)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def test_cli_strict_refusal_exits_2_and_show_reports_the_spread(
-    tmp_path, space, capsys, monkeypatch
+    tmp_path, space, run_cli, monkeypatch
 ):
     db = tmp_path / "t.db"
     loads = iter([[1.0, 1.0, 4.0, 1.0], [1.0, 1.0, 1.02, 1.0]])
     real = latency.cli.get_backend
     monkeypatch.setattr(latency.cli, "get_backend", lambda *a, **kw: scripted(next(loads))(space))
     build = ["latency", "build", "tiny", "--device", DEVICE, "--db", db]
-    code, out, err = invoke(capsys, *build, "--strict")
+    code, out, err = run_cli(*build, "--strict")
     assert code == 2 and "nothing was stored (--strict)" in err and "Traceback" not in err
-    code, out, err = invoke(capsys, *build)
+    code, out, err = run_cli(*build)
     assert code == 0 and "noise guard: reference" in out
     monkeypatch.setattr(latency.cli, "get_backend", real)
 
-    code, out, _ = invoke(capsys, "latency", "show", "--db", db)
+    code, out, _ = run_cli("latency", "show", "--db", db)
     assert code == 0 and "1.02" in out  # the newest build's spread, beside the setting
-    code, out, _ = invoke(capsys, "latency", "show", "--device", DEVICE, "--db", db)
+    code, out, _ = run_cli("latency", "show", "--device", DEVICE, "--db", db)
     out = " ".join(out.split())  # rich wraps long lines at the terminal's width
     assert "noise guard spread 4.00" in out and "refused: nothing stored" in out
     assert "noise guard spread 1.02" in out
-    code, out, err = invoke(capsys, *build, "--max-spread", "0.5")
+    code, out, err = run_cli(*build, "--max-spread", "0.5")
     assert code == 2 and "--max-spread" in err

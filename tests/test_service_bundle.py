@@ -1,4 +1,5 @@
-"""Phones: a bundle of Core ML models with its manifest, and the app's results brought back."""
+"""Phones: a bundle of Core ML models or ExecuTorch programs with its manifest, and the app's
+results brought back."""
 
 from __future__ import annotations
 
@@ -6,8 +7,12 @@ import json
 import shutil
 
 import pytest
+import torch
+from small_blocks import attention_sig, resnet_sig
 from test_service_support import cache_unet_parts, cli, tiny_blocks
 
+from latency import executorch as et
+from latency.backends import get_backend
 from latency.coreml import input_spec
 from latency.jobs import JobStore
 from latency.table import LatencyTable
@@ -127,6 +132,74 @@ def test_bundle_export_and_results_import(tmp_path, capsys):
     code, text = cli("latency", "bundle", "--device", "phone", out, "--db", db, capsys=capsys)
     assert code == 2 and "not an empty folder" in text
     shutil.rmtree(out)
+
+
+def test_an_executorch_bundle_holds_pte_programs_a_runtime_times(tmp_path, capsys):
+    db, out = tmp_path / "t.db", tmp_path / "bundle"
+    sigs = {s.kind: s for s in (resnet_sig(), attention_sig())}
+    with JobStore(db) as store:
+        store.add_device("pixel", "pixel-8", "executorch", "xnnpack")
+        store.enqueue("pixel", sigs.values())
+    # --kind registers the device: here the same setting again, from the defaults
+    code, text = cli(
+        "latency", "bundle", "--device", "pixel", "--kind", "pixel-8", "--backend",
+        "executorch", out, "--db", db, "--repeats", 3, "--warmup", 1, capsys=capsys,
+    )  # fmt: skip
+    assert code == 0, text
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (manifest["backend"], manifest["compute_unit"], manifest["precision"]) == (
+        "executorch",
+        "xnnpack",
+        "fp32",
+    )
+    runtime = {"delegate": "xnnpack", "attention": "classic (AttnProcessor)"}
+    assert manifest["runtime"] == {"executorch": et.require(), **runtime}
+    backend = get_backend("executorch")
+    results = []
+    for model in manifest["models"]:
+        sig = sigs[model["signature"]["kind"]]
+        path = out / model["path"]
+        assert path.suffix == ".pte" and model["sig_hash"] == sig.hash
+        assert path.read_bytes() == backend.program_path(sig).read_bytes()  # the cached program
+        # inputs in the order the program takes them, named as the block names them
+        assert [(i["name"], tuple(i["shape"])) for i in model["inputs"]] == list(sig.inputs)
+        assert {i["dtype"] for i in model["inputs"]} == {"float32"}
+        with torch.no_grad():
+            want = sig.build()(*sig.example_inputs()).shape
+        assert model["outputs"] == [{"name": "output", "shape": list(want), "dtype": "float32"}]
+        # the phone's part, by this machine's ExecuTorch runtime: load the bundled program
+        # alone (no sidecar beside it) and time it with inputs built from the manifest
+        inputs = [torch.zeros(i["shape"]) for i in model["inputs"]]
+        timing = manifest["timing"]
+        samples = et.time_program(et.load(path), inputs, timing["warmup"], timing["repeats"])
+        results.append({"sig_hash": model["sig_hash"], "samples_ms": samples})
+    assert len(results) == 2
+
+    path = tmp_path / "results.json"
+    path.write_text(
+        json.dumps(
+            {
+                "format": "diffnas-results",
+                "version": 1,
+                "bundle_id": manifest["bundle_id"],
+                "device": "pixel",
+                "environment": {"os": "Android 15", "runner": "executor_runner"},
+                "results": results,
+            }
+        )
+    )
+    code, text = cli("latency", "import", "--device", "pixel", path, "--db", db, capsys=capsys)
+    assert code == 0 and "imported 2 result(s) for pixel" in text, text
+    with LatencyTable(db) as table:
+        rows = table.rows("pixel")
+    assert {r.signature.hash for r in rows} == {s.hash for s in sigs.values()}
+    for row in rows:
+        assert (row.backend, row.compute_unit, row.source) == ("executorch", "xnnpack", "measured")
+        assert row.versions["attention"] == runtime["attention"] and row.versions["os"]
+        assert row.versions["executorch"] == et.require() and len(row.samples) == 3
+    with JobStore(db) as store:
+        assert store.counts("pixel")["done"] == 2
 
 
 def row_id(db) -> int:

@@ -13,8 +13,9 @@ from test_service_support import cache_unet_parts, cli, tiny_blocks, tiny_count
 
 from latency.backends import Timing
 from latency.jobs import JobStore
+from latency.measurement import SOURCES
 from latency.predict import Predictor
-from latency.table import SOURCES, LatencyTable, Measurement
+from latency.table import LatencyTable, Measurement
 from latency.transfer import Candidate, block_cost, choose, transfer
 from search_spaces import UserError, load_space
 

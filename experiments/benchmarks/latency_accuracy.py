@@ -35,10 +35,10 @@ import json
 import tempfile
 from pathlib import Path
 
+import latency_bench as bench
 import torch
 from provenance import provenance
 
-from latency.backends import get_backend
 from latency.predict import Predictor
 from latency.profile import build_table
 from latency.table import LatencyTable
@@ -49,32 +49,8 @@ from search_spaces import load_space
 RESULTS = Path(__file__).parent / "results"
 
 
-def cpu_ticks() -> tuple[int, int] | None:
-    """(steal, total) CPU ticks since boot from /proc/stat (Linux), else None. Steal is time
-    the hypervisor gave this VM's virtual CPUs to others: timings taken while it is high are
-    slow and noisy whatever the table does."""
-    try:
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
-    except (OSError, ValueError):
-        return None
-    return fields[7] if len(fields) > 7 else 0, sum(fields[:8])
-
-
 def run_space(space, device_name, args, db):
-    block_backend = get_backend(
-        "torch",
-        compute_unit=args.compute_unit,
-        repeats=args.block_repeats,
-        warmup=args.warmup,
-        threads=args.threads,
-    )
-    net_backend = get_backend(
-        "torch",
-        compute_unit=args.compute_unit,
-        repeats=args.net_repeats,
-        warmup=args.warmup,
-        threads=args.threads,
-    )
+    block_backend, net_backend = bench.timing_backends("torch", args.compute_unit, args)
     timer = NetworkTimer(space, net_backend)
     with LatencyTable(db) as table:
         built = build_table(space, table, block_backend, device_name, rounds=args.rounds)
@@ -115,30 +91,12 @@ def run_space(space, device_name, args, db):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--samples", type=int, default=20, help="random architectures per space")
-    ap.add_argument("--block-repeats", type=int, default=10)
-    ap.add_argument("--net-repeats", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument(
-        "--rounds",
-        type=int,
-        default=2,
-        help="passes over the blocks and the networks, each in a new order: 1, or an even "
+    bench.add_options(
+        ap,
+        rounds="passes over the blocks and the networks, each in a new order: 1, or an even "
         "number; blocks keep their fastest, networks their fastest of the odd rounds (judged) "
         "and of the even rounds (the noise ceiling, judged against the odd ones the same way)",
-    )
-    ap.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch threads for blocks and networks alike (1: stable on a shared machine)",
-    )
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument(
-        "--calibration-samples",
-        type=int,
-        default=5,
-        help="other random architectures the calibration is fitted on",
+        threads="torch threads for blocks and networks alike (1: stable on a shared machine)",
     )
     ap.add_argument(
         "--compute-unit",
@@ -187,37 +145,23 @@ def main() -> None:
 
     if args.spaces is None:
         args.spaces = "tiny" if args.quick else "sd15,tiny"
-    names = [n.strip() for n in args.spaces.split(",")]
-    if not names or set(names) - {"sd15", "tiny"}:
-        ap.error(f"--spaces {args.spaces!r}: a comma list of sd15 and tiny")
-    spaces = []
-    if "sd15" in names:
-        sd15 = load_space("sd15")  # batch 2, latent 64x64: a CPU forward at 32x32 is ~10 s
-        spaces.append(sd15 if args.compute_unit == "cuda" else sd15.with_inputs(latent=(4, 32, 32)))
-    if "tiny" in names:
-        spaces.append(load_space("tiny"))
+    names = bench.parse_spaces(ap, args.spaces)
+    spaces = [bench.bench_space(n, args.compute_unit) for n in ("sd15", "tiny") if n in names]
     results = {}
-    ticks = cpu_ticks()
+    ticks = bench.cpu_ticks()
     with tempfile.TemporaryDirectory() as tmp:
         for space in spaces:
             print(f"== {space.name}: latent {space.latent}, batch {space.batch}", flush=True)
             device_name = f"bench-{args.compute_unit}"
             results[space.name] = run_space(space, device_name, args, Path(tmp) / "t.db")
         if args.build_64:
-            backend = get_backend(
-                "torch",
-                compute_unit="cpu",
-                repeats=args.block_repeats,
-                warmup=args.warmup,
-                threads=args.threads,
-            )
+            backend = bench.timing_backends("torch", "cpu", args)[0]
             with LatencyTable(Path(tmp) / "t64.db") as table:
                 built = build_table(load_space("sd15"), table, backend, "bench-cpu-64")
             results["sd15_64x64_table_build_seconds"] = built.seconds
             results["sd15_64x64_table_blocks"] = len(built.measured)
 
-    end = cpu_ticks()
-    steal = (end[0] - ticks[0]) / max(end[1] - ticks[1], 1) if ticks and end else None
+    steal = bench.steal_since(ticks)
     summary = {
         "benchmark": "latency_accuracy",
         "compute_unit": args.compute_unit,
@@ -228,22 +172,18 @@ def main() -> None:
     summary |= provenance(args)
     summary["machine"]["cpu_steal_share"] = steal  # of all CPU time in the run (None: not Linux)
     args.out.write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"{'space':8} {'':10} {'MAPE %':>8} {'±5%':>6} {'±10%':>6} {'τ':>6} {'build s':>8}")
-    for key, r in results.items():
-        if isinstance(r, dict):
-            for label, m in (("raw", r), ("calibrated", r["calibrated"])):
-                print(
-                    f"{key:8} {label:10} {m['mape']:8.2f} {m['within_5']:6.2f} "
-                    f"{m['within_10']:6.2f} {m['kendall_tau']:6.3f} "
-                    f"{r['table_build_seconds']:8.1f}"
-                )
-    for key, r in results.items():
-        if isinstance(r, dict) and r.get("repeat"):
-            n = r["repeat"]
-            print(
-                f"{key:8} {'noise':10} {n['mape']:8.2f} {'':6} {n['within_10']:6.2f} "
-                f"{n['kendall_tau']:6.3f}   (the same networks, other rounds)"
-            )
+    spaces_run = {k: r for k, r in results.items() if isinstance(r, dict)}
+    rows = [
+        (key, label, m, f"table built in {r['table_build_seconds']:.1f} s")
+        for key, r in spaces_run.items()
+        for label, m in (("raw", r), ("calibrated", r["calibrated"]))
+    ]
+    rows += [
+        (key, "noise", r["repeat"], "(the same networks, other rounds)")
+        for key, r in spaces_run.items()
+        if r.get("repeat")
+    ]
+    bench.print_accuracy(rows)
     if steal is not None:
         print(f"CPU steal during the run: {100 * steal:.1f}% of CPU time")
     if "sd15_64x64_table_build_seconds" in results:

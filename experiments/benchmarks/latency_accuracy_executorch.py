@@ -45,10 +45,9 @@ from latency.signature import signatures
 from latency.table import LatencyTable
 from latency.validate import accuracy, random_archs
 from nas.deploy.executorch import ExecuTorchNetworkTimer
-from search_spaces import load_space
 
 sys.path.insert(0, str(Path(__file__).parent))
-from latency_accuracy import cpu_ticks  # noqa: E402
+import latency_bench as bench  # noqa: E402
 from provenance import provenance  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -82,20 +81,7 @@ def eager_ratio(space, table, device, args) -> dict:
 
 def run_space(space, args, tmp: Path) -> dict:
     device = "bench-executorch"
-    block_backend = get_backend(
-        "executorch",
-        compute_unit="xnnpack",
-        repeats=args.block_repeats,
-        warmup=args.warmup,
-        threads=args.threads,
-    )
-    net_backend = get_backend(
-        "executorch",
-        compute_unit="xnnpack",
-        repeats=args.net_repeats,
-        warmup=args.warmup,
-        threads=args.threads,
-    )
+    block_backend, net_backend = bench.timing_backends("executorch", "xnnpack", args)
     out: dict = {"latent": list(space.latent), "batch": space.batch}
     db = tmp / f"{space.name}.db"
     db.unlink(missing_ok=True)  # a fresh table every run
@@ -160,25 +146,14 @@ def run_space(space, args, tmp: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--spaces", default="tiny,sd15", help="comma list of tiny and sd15")
-    ap.add_argument(
-        "--samples",
-        type=int,
-        default=20,
-        help="random architectures per space (0: build the table and compare with eager only)",
-    )
-    ap.add_argument("--calibration-samples", type=int, default=4)
-    ap.add_argument("--block-repeats", type=int, default=10)
-    ap.add_argument("--net-repeats", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument(
-        "--rounds",
-        type=int,
-        default=2,
-        help="k: blocks keep their fastest of k passes; networks are timed in 2k passes, the "
+    bench.add_options(
+        ap,
+        defaults={"calibration_samples": 4},
+        samples="random architectures per space (0: build the table and compare with eager only)",
+        rounds="k: blocks keep their fastest of k passes; networks are timed in 2k passes, the "
         "result from the first k and the noise ceiling from the other k",
+        threads="ExecuTorch threads (1: shared CPU)",
     )
-    ap.add_argument("--threads", type=int, default=1, help="ExecuTorch threads (1: shared CPU)")
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=RESULTS / "latency_accuracy_executorch.json")
     ap.add_argument(
         "--work",
@@ -188,11 +163,9 @@ def main() -> None:
         "same folder times them again without lowering them again",
     )
     args = ap.parse_args()
-    names = [n.strip() for n in args.spaces.split(",") if n.strip()]
-    if not names or set(names) - {"sd15", "tiny"}:
-        ap.error(f"--spaces {args.spaces!r}: a comma list of sd15 and tiny")
+    names = bench.parse_spaces(ap, args.spaces)
 
-    ticks, load_before = cpu_ticks(), os.getloadavg()
+    ticks, load_before = bench.cpu_ticks(), os.getloadavg()
     results = {}
     with tempfile.TemporaryDirectory(prefix="diffnas-et-bench-") as tmp:
         work = Path(args.work or tmp)
@@ -200,13 +173,10 @@ def main() -> None:
         # blocks are lowered into this folder: the build time includes lowering them
         os.environ["DIFFNAS_CACHE"] = str(work / "cache")
         for name in names:
-            space = load_space(name)
-            if name == "sd15":  # a CPU forward at 64x64 takes seconds; the 32x32
-                space = space.with_inputs(latent=(4, 32, 32))
+            space = bench.bench_space(name)
             print(f"== {space.name}: latent {space.latent}, batch {space.batch}", flush=True)
             results[name] = run_space(space, args, work)
-    end = cpu_ticks()
-    steal = (end[0] - ticks[0]) / max(end[1] - ticks[1], 1) if ticks and end else None
+    steal = bench.steal_since(ticks)
     summary = {
         "benchmark": "latency_accuracy_executorch",
         "backend": {
@@ -227,16 +197,16 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"wrote {args.out} (ExecuTorch {et.require()})")
-    print(f"{'space':6} {'':11} {'MAPE %':>7} {'±10%':>6} {'τ':>6} {'networks':>8} {'build s':>8}")
+    bench.print_accuracy(
+        [
+            (name, label, r[label], f"{len(r['archs'])} networks")
+            for name, r in results.items()
+            if "raw" in r
+            for label in ("raw", "calibrated", "noise")
+        ]
+    )
     for name, r in results.items():
-        for label in ("raw", "calibrated", "noise") if "raw" in r else ():
-            m = r[label]
-            print(
-                f"{name:6} {label:11} {m['mape']:7.2f} {m['within_10']:6.2f} "
-                f"{m['kendall_tau']:6.3f} {len(r['archs']):8d} {r['table_build_seconds']:8.1f}"
-            )
-        if "raw" not in r:
-            print(f"{name:6} table only: {r['blocks']} blocks in {r['table_build_seconds']:.1f} s")
+        print(f"{name:6} table: {r['blocks']} blocks in {r['table_build_seconds']:.1f} s")
         for kind, x in r["executorch_over_eager"].items():
             ratio, median = x["ratio_of_sums"], x["median_ratio"]
             print(f"{name:6} ET/eager {kind:16} {ratio:.2f} (median per block {median:.2f})")

@@ -10,6 +10,10 @@ pairs (--pairs) differ in kind, not only in speed:
     latent:   A = the block at its resolution   B = the same block at twice the side (4x pixels)
     threads:  A = fp32, 2 threads               B = fp32, 1 thread (same kernels: ranking B
               by A alone is already near the ceiling, so this pair shows little)
+    executorch: A = torch eager, fp32, 1 thread B = the block lowered to an ExecuTorch XNNPACK
+              program (.pte), 1 thread: another runtime (fused kernels, its own attention),
+              as a phone's table is to a host's (needs the executorch extra; the first run
+              lowers every block, minutes for the full pool)
 
 B is timed twice (B and B'): τ(B, B') is the noise ceiling no predictor can beat. Then
 `latency.transfer.transfer` fills B from A's full table and K of B's measurements (K = 5, 10,
@@ -27,6 +31,8 @@ ranking by A alone.
     python experiments/benchmarks/latency_transfer.py                # bf16, batch, latent
     python experiments/benchmarks/latency_transfer.py --pairs threads,bf16
     python experiments/benchmarks/latency_transfer.py --quick        # tiny only
+    python experiments/benchmarks/latency_transfer.py --pairs executorch --quick
+    python experiments/benchmarks/latency_transfer.py --pairs executorch --quick --max-blocks 12
 """
 
 from __future__ import annotations
@@ -46,12 +52,12 @@ import torch
 from provenance import provenance
 from scipy import stats
 
-from latency.backends import Timing, get_backend
+from latency.backends import Timing, get_backend, setting_backend
 from latency.jobs import in_call_order
 from latency.signature import unet_parts
 from latency.table import LatencyTable, Measurement
 from latency.transfer import TransferModel, transfer
-from search_spaces import load_space
+from search_spaces import UserError, load_space
 
 RESULTS = Path(__file__).parent / "results"
 KS = (5, 10, 20)
@@ -64,6 +70,13 @@ class Pair:
     b_threads: int
     b_dtype: str
     b_scale: str | None = None  # "batch" or "latent": B runs each block at twice that size
+    b_backend: str = "torch"  # "executorch": B runs each block as an XNNPACK .pte program
+
+    @property
+    def b_setting(self) -> dict:
+        """B's table setting (A's is torch on the CPU)."""
+        unit = "xnnpack" if self.b_backend == "executorch" else "cpu"
+        return {"backend": self.b_backend, "compute_unit": unit, "precision": self.b_dtype}
 
 
 PAIRS = {
@@ -71,8 +84,8 @@ PAIRS = {
     "batch": Pair(1, "fp32", 1, "fp32", "batch"),
     "latent": Pair(1, "fp32", 1, "fp32", "latent"),
     "threads": Pair(2, "fp32", 1, "fp32"),
+    "executorch": Pair(1, "fp32", 1, "fp32", b_backend="executorch"),
 }
-SETTING = {"backend": "torch", "compute_unit": "cpu"}
 
 
 def signature_pool(pair: Pair, quick: bool = False) -> tuple[list, dict]:
@@ -104,6 +117,22 @@ def measure_pair(pool, b_of, pair: Pair, repeats: int, warmup: int, rounds: int)
     device the table is meant to describe. Blocks that do not run in a setting are left
     out of the pair. Returns (blocks kept, {setting: {hash: ms}}, what was left out, why)."""
     backend = get_backend("torch", compute_unit="cpu", repeats=repeats, warmup=warmup)
+    runtimes = {"torch": None}
+    if pair.b_backend != "torch":  # lowers each block once (cached), then times the program
+        runtimes[pair.b_backend] = setting_backend(
+            pair.b_setting,
+            repeats=repeats,
+            warmup=warmup,
+            threads=pair.b_threads,
+        )
+
+    def time_block(sig, threads: int, runtime: str) -> float:
+        if runtimes[runtime] is not None:
+            return runtimes[runtime].profile(sig).median_ms
+        module, inputs = sig.build(), sig.example_inputs()
+        torch.set_num_threads(threads)
+        return backend.time_callable(lambda m=module, x=inputs: m(*x)).median_ms
+
     times: dict[str, dict[str, float]] = {"A": {}, "B": {}, "B2": {}}
     skipped: dict[str, str] = {}
     start = time.perf_counter()
@@ -113,16 +142,16 @@ def measure_pair(pool, b_of, pair: Pair, repeats: int, warmup: int, rounds: int)
                 continue
             try:
                 b = b_of[sig.hash]
-                for key, threads, s in (
-                    ("A", pair.a_threads, sig),
-                    ("B", pair.b_threads, b),
-                    ("B2", pair.b_threads, b),
+                for key, threads, s, runtime in (
+                    ("A", pair.a_threads, sig, "torch"),
+                    ("B", pair.b_threads, b, pair.b_backend),
+                    ("B2", pair.b_threads, b, pair.b_backend),
                 ):
-                    module, inputs = s.build(), s.example_inputs()
-                    torch.set_num_threads(threads)
-                    ms = backend.time_callable(lambda m=module, x=inputs: m(*x)).median_ms
+                    ms = time_block(s, threads, runtime)
                     times[key][s.hash] = min(ms, times[key].get(s.hash, math.inf))
-            except RuntimeError as e:  # e.g. a block that torch cannot run in bf16 on the CPU
+            # e.g. a block that torch cannot run in bf16 on the CPU, or that a delegate
+            # cannot lower
+            except (RuntimeError, UserError) as e:
                 skipped[sig.hash] = f"{sig.describe()}: {str(e).splitlines()[0]}"
         print(f"  round {r + 1}/{rounds} ({time.perf_counter() - start:.0f} s)", flush=True)
     kept = [s for s in pool if s.hash not in skipped]
@@ -133,7 +162,7 @@ def evaluate(
     pool, b_of, times, pair: Pair, k: int, tmp: Path, seed: int = 0, random_anchors=False
 ) -> dict:
     """Run the transfer with budget k and score its predictions against B's timings."""
-    a_dtype, b_dtype = pair.a_dtype, pair.b_dtype
+    a_dtype = pair.a_dtype
     a_sigs = pool
     path = tmp / f"{k}-{seed}-{random_anchors}.db"
     with LatencyTable(path) as table:
@@ -142,13 +171,15 @@ def evaluate(
             Measurement("A", "torch", "cpu", a_dtype, s, [a_ms[s.hash]], a_ms[s.hash], 0)
             for s in a_sigs
         )
-        b_setting = {**SETTING, "precision": b_dtype}
+        b_setting = pair.b_setting
         if random_anchors:  # the same model on random anchors, measured beforehand
             rng = random.Random(seed)
             for s in rng.sample(a_sigs, k):
                 b = b_of[s.hash]
                 ms = times["B"][b.hash]
-                table.add(Measurement("B", "torch", "cpu", b_dtype, b, [ms], ms, 0))
+                table.add(
+                    Measurement("B", **b_setting, signature=b, samples=[ms], median_ms=ms, iqr_ms=0)
+                )
 
         def measure(sig) -> Timing:
             return Timing([times["B"][sig.hash]])
@@ -197,6 +228,13 @@ def main() -> None:
     ap.add_argument("--random-draws", type=int, default=10)
     ap.add_argument("--quick", action="store_true", help="tiny's blocks only, 3 repeats")
     ap.add_argument(
+        "--max-blocks",
+        type=int,
+        default=None,
+        help="only the first N blocks of the pool (tiny at batch 1 first): a smoke run; "
+        "K values of N or more are left out",
+    )
+    ap.add_argument(
         "--reuse",
         action="store_true",
         help="score again from the block timings of the last run (no timing)",
@@ -223,6 +261,7 @@ def main() -> None:
         for name in pairs:
             pair = PAIRS[name]
             pool, b_of = signature_pool(pair, args.quick)
+            pool = pool[: args.max_blocks]
             print(f"{name}: {len(pool)} distinct blocks ({what})", flush=True)
             saved = out_path.with_name(f"{out_path.stem}_times_{name}.json")
             if args.reuse:
@@ -250,7 +289,7 @@ def main() -> None:
             }
             work = Path(tmp) / name  # each pair's tables of its own
             work.mkdir()
-            for k in KS:
+            for k in (k for k in KS if k < len(kept)):
                 r = evaluate(kept, b_of, times, pair, k, work)
                 draws = [
                     evaluate(kept, b_of, times, pair, k, work, seed, random_anchors=True)
@@ -283,10 +322,12 @@ def main() -> None:
     gains = {
         name: out["by_k"]["10"]["kendall_tau"] - out["by_k"]["10"]["baseline_tau_rank_by_A"]
         for name, out in results.items()
+        if "10" in out["by_k"]
     }
     for name, gain in gains.items():
         print(f"{name}: τ gain over ranking by A alone at K = 10: {gain:+.3f}")
-    print(f"transfer_tau_gain_k10_min: {min(gains.values()):.3f}")
+    lowest = f"{min(gains.values()):.3f}" if gains else "n/a (no pair had more than 10 blocks)"
+    print(f"transfer_tau_gain_k10_min: {lowest}")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from search_spaces import UserError
 
 from ..adb import Adb
 from ..signature import BlockSignature
-from . import Timing
+from .base import Timing
 from .executorch_backend import ExecuTorchBackend
 
 REMOTE_DIR = "/data/local/tmp/diffnas"

@@ -15,7 +15,7 @@ from search_spaces import UserError
 
 from .. import coreml
 from ..signature import BlockSignature
-from . import Backend, Timing, register
+from .base import Backend, Timing, register
 
 MACOS_ONLY = "Core ML timing needs macOS: run the agent on a Mac, or use --backend torch"
 

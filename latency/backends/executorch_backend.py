@@ -13,7 +13,7 @@ from search_spaces import UserError
 
 from .. import executorch as et
 from ..signature import BlockSignature
-from . import Backend, Timing, register
+from .base import Backend, Timing, register
 
 
 @register

@@ -12,7 +12,7 @@ import torch
 from search_spaces import UserError
 
 from ..signature import BlockSignature
-from . import Backend, Timing, register
+from .base import Backend, Timing, register
 
 
 def synchronize(device: str) -> None:
