@@ -88,6 +88,11 @@ def search_cmd(
     if strategy == "optuna":
         from .optuna_search import run_optuna
 
+        if exp.evaluation.metric != "sample_clip":
+            raise UserError(
+                f"evaluation.metric {exp.evaluation.metric} scores actions against the current "
+                "network; --strategy optuna scores whole architectures: use sample_clip"
+            )
         result = run_optuna(exp, trials, runs=runs, name=name, resume=resume, storage=storage)
         typer.echo(
             f"found {result.arch.hash}: {result.latency_ms:.2f} ms (target "
