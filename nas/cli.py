@@ -66,11 +66,18 @@ def search_cmd(
     storage: str = typer.Option(
         None, "--storage", help="optuna: study database URL (default: the run's study.db)."
     ),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Print what the search will cost (as `diffnas plan`); run nothing."
+    ),
 ) -> None:
     """Evolve the architecture to a latency target (or, with --strategy optuna, search it with
     an Optuna study); write runs/<name>/ and its report."""
     from .experiment import load_experiment
     from .search import run_search
+
+    if dry_run:
+        plan_cmd(experiment, target_ms, target_ratio, device, None, None, None, None, None)
+        return
 
     if target_ms is not None and target_ratio is not None:
         raise UserError("give --target-ms or --target-ratio, not both")
@@ -106,6 +113,68 @@ def search_cmd(
         f"CLIP {result.clip:.2f}, {result.iterations} iteration(s)\n"
         f"report: {result.run_dir / 'report.html'}"
     )
+
+
+@app.command("plan")
+def plan_cmd(
+    experiment: Path = typer.Argument(..., help="Experiment YAML, e.g. experiments/tiny.yaml."),
+    target_ms: float = typer.Option(None, "--target-ms", help="Latency target in ms."),
+    target_ratio: float = typer.Option(
+        None, "--target-ratio", help="Target as a fraction of the original's latency."
+    ),
+    device: str = typer.Option(None, "--device", help="Device of the latency table."),
+    db: Path = typer.Option(None, "--db", help="Latency table file (default: the experiment's)."),
+    timing: Path = typer.Option(
+        None,
+        "--timing",
+        help="Per-call device time from an sd15_action.py result, e.g. "
+        "experiments/benchmarks/results/sd15_action_cuda.json.",
+    ),
+    seconds_per_call: float = typer.Option(
+        None, "--seconds-per-call", help="Device seconds per UNet call of one latent."
+    ),
+    seconds_per_image: float = typer.Option(
+        None, "--seconds-per-image", help="Device seconds to decode and CLIP-score one image."
+    ),
+    out: Path = typer.Option(None, "--json", help="Also write the plan as JSON here."),
+) -> None:
+    """What a search will cost before it runs: actions per iteration, iterations to the
+    target, evaluation compute in UNet calls and images (device hours with a per-call time).
+    Measures the latency table's missing blocks if the experiment builds its table."""
+    import json
+
+    from .experiment import load_experiment
+
+    if timing is not None and seconds_per_call is not None:
+        raise UserError("give --timing or --seconds-per-call, not both")
+    if seconds_per_image is not None and seconds_per_call is None:
+        raise UserError("--seconds-per-image goes with --seconds-per-call")
+    if seconds_per_call is not None and (seconds_per_call <= 0 or (seconds_per_image or 0) < 0):
+        raise UserError("--seconds-per-call must be positive, --seconds-per-image at least 0")
+    exp = load_experiment(
+        experiment,
+        **{"target.ms": target_ms, "target.ratio": target_ratio, "latency.device": device},
+        **{"latency.db": str(db) if db else None},
+    )
+    from latency.predict import Predictor
+
+    from .evolve import resolve_target
+    from .plan import Timing, describe, make_plan
+    from .search import experiment_space, latency_table
+
+    clock = None
+    if timing is not None:
+        clock = Timing.from_action_benchmark(timing, exp.evaluation.precision)
+    elif seconds_per_call is not None:
+        clock = Timing(seconds_per_call, seconds_per_image or 0.0, "--seconds-per-call")
+    space = experiment_space(exp)
+    with latency_table(exp, space, progress=False) as table:
+        predictor = Predictor(space, table, exp.latency.device, precision=exp.latency.precision)
+        plan = make_plan(exp, space, predictor, resolve_target(exp, space, predictor), clock)
+    typer.echo(describe(plan))
+    if out is not None:
+        out.write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
+        typer.echo(f"wrote {out}")
 
 
 @app.command("sweep")
