@@ -54,6 +54,10 @@ def test_gap_in_pooled_sigma_and_the_goal():
     assert cheap["final"]["gap_sigma"] == pytest.approx(-1 / sigma)
     assert cheap["goal_met"] and not summary["bad"]["goal_met"]
     assert summary["bad"]["world"]["gap_sigma"] == pytest.approx(-20 / sigma)
+    # a smaller reference ran: the 20x is judged against the full one's projected compute
+    smaller = bench.summarise(runs, ["reference", "cheap"], {"typical": 40_000})
+    assert smaller["cheap"]["compute_x_less_than_full_reference_projected"] == pytest.approx(10)
+    assert smaller["cheap"]["within_1_sigma_both_weights"] and not smaller["cheap"]["goal_met"]
 
 
 def test_sd15_path_ends_at_the_table3_network():
