@@ -66,11 +66,18 @@ def search_cmd(
     storage: str = typer.Option(
         None, "--storage", help="optuna: study database URL (default: the run's study.db)."
     ),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Print what the search will cost (as `diffnas plan`); run nothing."
+    ),
 ) -> None:
     """Evolve the architecture to a latency target (or, with --strategy optuna, search it with
     an Optuna study); write runs/<name>/ and its report."""
     from nas.experiment import load_experiment
     from nas.search.run import run_search
+
+    if dry_run:
+        plan_cmd(experiment, target_ms, target_ratio, device, None, None, None, None, None)
+        return
 
     if target_ms is not None and target_ratio is not None:
         raise UserError("give --target-ms or --target-ratio, not both")
@@ -88,6 +95,11 @@ def search_cmd(
     if strategy == "optuna":
         from nas.search.optuna import run_optuna
 
+        if exp.evaluation.metric != "sample_clip":
+            raise UserError(
+                f"evaluation.metric {exp.evaluation.metric} scores actions against the current "
+                "network; --strategy optuna scores whole architectures: use sample_clip"
+            )
         result = run_optuna(exp, trials, runs=runs, name=name, resume=resume, storage=storage)
         typer.echo(
             f"found {result.arch.hash}: {result.latency_ms:.2f} ms (target "
@@ -101,6 +113,67 @@ def search_cmd(
         f"CLIP {result.clip:.2f}, {result.iterations} iteration(s)\n"
         f"report: {result.run_dir / 'report.html'}"
     )
+
+
+@app.command("plan")
+def plan_cmd(
+    experiment: Path = typer.Argument(..., help="Experiment YAML, e.g. experiments/tiny.yaml."),
+    target_ms: float = typer.Option(None, "--target-ms", help="Latency target in ms."),
+    target_ratio: float = typer.Option(
+        None, "--target-ratio", help="Target as a fraction of the original's latency."
+    ),
+    device: str = typer.Option(None, "--device", help="Device of the latency table."),
+    db: Path = typer.Option(None, "--db", help="Latency table file (default: the experiment's)."),
+    timing: Path = typer.Option(
+        None,
+        "--timing",
+        help="Per-call device time from an sd15_action.py result, e.g. "
+        "experiments/benchmarks/results/sd15_action_cuda.json.",
+    ),
+    seconds_per_call: float = typer.Option(
+        None, "--seconds-per-call", help="Device seconds per UNet call of one latent."
+    ),
+    seconds_per_image: float = typer.Option(
+        None, "--seconds-per-image", help="Device seconds to decode and CLIP-score one image."
+    ),
+    out: Path = typer.Option(None, "--json", help="Also write the plan as JSON here."),
+) -> None:
+    """What a search will cost before it runs: actions per iteration, iterations to the
+    target, evaluation compute in UNet calls and images (device hours with a per-call time).
+    Measures the latency table's missing blocks if the experiment builds its table."""
+    import json
+
+    from nas.experiment import load_experiment
+
+    if timing is not None and seconds_per_call is not None:
+        raise UserError("give --timing or --seconds-per-call, not both")
+    if seconds_per_image is not None and seconds_per_call is None:
+        raise UserError("--seconds-per-image goes with --seconds-per-call")
+    if seconds_per_call is not None and (seconds_per_call <= 0 or (seconds_per_image or 0) < 0):
+        raise UserError("--seconds-per-call must be positive, --seconds-per-image at least 0")
+    exp = load_experiment(
+        experiment,
+        **{"target.ms": target_ms, "target.ratio": target_ratio, "latency.device": device},
+        **{"latency.db": str(db) if db else None},
+    )
+    from latency.predict import Predictor
+    from nas.search.evolve import resolve_target
+    from nas.search.plan import Timing, describe, make_plan
+    from nas.search.run import experiment_space, latency_table
+
+    clock = None
+    if timing is not None:
+        clock = Timing.from_action_benchmark(timing, exp.evaluation.precision)
+    elif seconds_per_call is not None:
+        clock = Timing(seconds_per_call, seconds_per_image or 0.0, "--seconds-per-call")
+    space = experiment_space(exp)
+    with latency_table(exp, space, progress=False) as table:
+        predictor = Predictor(space, table, exp.latency.device, precision=exp.latency.precision)
+        plan = make_plan(exp, space, predictor, resolve_target(exp, space, predictor), clock)
+    typer.echo(describe(plan))
+    if out is not None:
+        out.write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
+        typer.echo(f"wrote {out}")
 
 
 @app.command("sweep")

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from nas.distill_config import DistillConfig
+from nas.protocol_checks import check_steps, check_timesteps
 from search_spaces import UserError
 
 
@@ -91,17 +92,58 @@ class SearchSpec(_Strict):
 
 
 class EvaluationSpec(_Strict):
+    """How each action is scored, and what that costs (docs/evaluation-cost.md)."""
+
     prompts: int = Field(16, ge=1)  # validation prompts scored per architecture
     seeds: int = Field(1, ge=1)  # initial noises per prompt
-    steps: int = Field(10, ge=1)  # DDIM steps
+    steps: int = Field(10, ge=1)  # sampler steps
+    # ddim, or dpm_solver (diffusers' DPMSolverMultistepScheduler, DPM-Solver++ 2M): the same
+    # noises and one UNet call per step, good images in fewer steps; at least 2 steps
+    sampler: Literal["ddim", "dpm_solver"] = "ddim"
     cfg: float = Field(3.0, ge=1)  # classifier-free guidance scale
     batch_size: int = Field(32, ge=1)  # images generated at once
+    # what an architecture is scored with (nas/search/evaluate.py): sample_clip, CLIP of sampled
+    # images (steps calls per image); x0_clip, CLIP of one-call x0 predictions from the
+    # current network's samples noised to `timesteps` (one call per timestep); x0_distance,
+    # the distance of those predictions to the current network's (no decoding, no CLIP)
+    metric: Literal["sample_clip", "x0_clip", "x0_distance"] = "sample_clip"
+    # the x0 metrics' timesteps, in the training schedule (0..999); default [250, 500, 750]
+    timesteps: list[int] | None = None
     # > 0: racing (nas/search/racing.py): every action scored on this many images first, more images
     # only for the actions near the removal cut; 0: every action on every image
     racing: int = Field(0, ge=0)
     # fp32, or fp16 / bf16 autocast for sampling, decoding and CLIP: fp16 is for GPUs (3.7x
     # faster than fp32 for SD-v1.5 on an H100); bf16 also runs on CPUs
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+
+    @model_validator(mode="after")
+    def _protocol(self):
+        try:
+            check_steps(self.sampler, self.steps)
+            if self.timesteps is not None:
+                if self.metric == "sample_clip":
+                    raise UserError(
+                        "timesteps are for metric x0_clip or x0_distance (sample_clip samples "
+                        "with `steps` steps)"
+                    )
+                check_timesteps(self.timesteps)
+        except UserError as e:
+            raise ValueError(str(e)) from None
+        images = self.prompts * self.seeds
+        if self.racing > images:
+            raise ValueError(
+                f"racing={self.racing}: more than the {images} images an action is scored on "
+                f"(prompts {self.prompts} x seeds {self.seeds}); racing's first round takes "
+                "at most all of them: lower racing, or 0 to score every action on every image"
+            )
+        return self
+
+    def defaults_left_out(self) -> dict:
+        """The fields as in the experiment's hash: options added later are left out at the
+        value that does what the experiment did before they existed."""
+        added = {"sampler": "ddim", "metric": "sample_clip", "timesteps": None}
+        data = self.model_dump(mode="json")
+        return {k: v for k, v in data.items() if not (k in added and v == added[k])}
 
 
 class RaySpec(_Strict):
@@ -138,7 +180,9 @@ class Experiment(_Strict):
         where actions are evaluated, and `distill` what happens after the search, so both
         are left out."""
         exclude = {"ray", "distill"}
-        text = json.dumps(self.model_dump(mode="json", exclude=exclude), sort_keys=True)
+        data = self.model_dump(mode="json", exclude=exclude)
+        data["evaluation"] = self.evaluation.defaults_left_out()  # old runs keep their hash
+        text = json.dumps(data, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -168,8 +212,23 @@ def load_experiment(path: str | Path, **overrides) -> Experiment:
     try:
         return Experiment.model_validate(data)
     except ValidationError as e:
-        lines = [
-            f"{path}: {'.'.join(map(str, err['loc']))}: {err['msg'].removeprefix('Value error, ')}"
-            for err in e.errors()
-        ]
+        lines = [f"{path}: {'.'.join(map(str, err['loc']))}: {_message(err)}" for err in e.errors()]
         raise UserError("\n".join(lines)) from None
+
+
+def _message(err: dict) -> str:
+    """A validation error's message; an unknown key lists the keys its section knows."""
+    if err["type"] == "extra_forbidden":
+        model: type[BaseModel] | None = Experiment
+        for key in err["loc"][:-1]:
+            field = model.model_fields.get(key) if model else None
+            annotation = field.annotation if field else None
+            model = (
+                annotation
+                if isinstance(annotation, type) and issubclass(annotation, BaseModel)
+                else None
+            )
+        if model is not None:
+            return f"unknown option; the options here are: {', '.join(model.model_fields)}"
+        return "unknown option"
+    return err["msg"].removeprefix("Value error, ")

@@ -12,6 +12,7 @@ the blocks of lowest value and copies the blocks of highest value.
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -19,12 +20,37 @@ from dataclasses import asdict, dataclass
 import torch
 
 from latency.predict import Predictor
+from nas.protocol_checks import METRICS, PROXY_TIMESTEPS, check_steps, check_timesteps
 from nas.supernet import ElasticUNet
 from nas.worlds.clip import ClipScorer
-from nas.worlds.generate import generate, initial_noise
+from nas.worlds.generate import generate, guided_prediction, initial_noise, make_scheduler
 from search_spaces import Action, Architecture, UserError
 
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Evaluation compute: UNet forward passes of one latent (a guided step of one image is
+    two: the conditional and the unconditional prediction), and images decoded and scored
+    with CLIP. Independent of batch sizes, so it projects to any device."""
+
+    unet_calls: int = 0
+    images: int = 0
+
+    def __add__(self, other: Cost) -> Cost:
+        return Cost(self.unet_calls + other.unet_calls, self.images + other.images)
+
+    def __mul__(self, k: int) -> Cost:
+        return Cost(self.unet_calls * k, self.images * k)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def seconds(self, per_call: float, per_image: float = 0.0) -> float:
+        """Device seconds at `per_call` s per UNet call and `per_image` s per image
+        (decoding and CLIP)."""
+        return self.unet_calls * per_call + self.images * per_image
 
 
 @dataclass
@@ -33,13 +59,16 @@ class Protocol:
 
     prompts: list[str]  # validation prompts (each scored once per seed)
     seeds: int = 1  # initial noises per prompt
-    steps: int = 20  # DDIM steps
+    steps: int = 20  # sampler steps
     cfg: float = 3.0  # classifier-free guidance scale
     batch_size: int = 32  # images generated at once
     seed: int = 0  # seeds the initial noises
     # "fp32", or "fp16" / "bf16": sampling, decoding and CLIP under torch.autocast (weights
     # stay fp32). fp16 is for GPUs: SD-v1.5's evaluation runs 3.7x faster than fp32 on an H100
     precision: str = "fp32"
+    sampler: str = "ddim"  # "ddim" or "dpm_solver" (nas.worlds.generate.SAMPLERS)
+    metric: str = "sample_clip"  # see the module docstring
+    timesteps: tuple[int, ...] | None = None  # the x0 metrics' (default PROXY_TIMESTEPS)
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -47,6 +76,47 @@ class Protocol:
                 f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}; fp16 needs "
                 "a GPU, bf16 runs on GPUs and recent CPUs"
             )
+        check_steps(self.sampler, self.steps)
+        if self.metric not in METRICS:
+            raise UserError(f"metric {self.metric!r} is not one of {', '.join(METRICS)}")
+        if self.metric == "sample_clip":
+            if self.timesteps is not None:
+                raise UserError("timesteps are the x0 metrics' (x0_clip, x0_distance)")
+        else:
+            self.timesteps = tuple(self.timesteps or PROXY_TIMESTEPS)
+            check_timesteps(self.timesteps)
+
+    # -- what scoring costs (nas.search.plan projects from these) -------------------------------
+
+    @property
+    def images(self) -> int:
+        """Images (prompt, noise) an architecture is scored on."""
+        return len(self.prompts) * self.seeds
+
+    @property
+    def calls_per_prediction(self) -> int:
+        """UNet calls of one latent per (guided) prediction: 2 with guidance, else 1."""
+        return 2 if self.cfg != 1.0 else 1
+
+    def sample_cost(self, n: int) -> Cost:
+        """Sampling n images and CLIP-scoring them."""
+        return Cost(n * self.steps * self.calls_per_prediction, n)
+
+    def score_cost(self, n: int) -> Cost:
+        """Scoring one architecture (an action) on n images with the protocol's metric."""
+        if self.metric == "sample_clip":
+            return self.sample_cost(n)
+        predictions = n * len(self.timesteps)
+        images = predictions if self.metric == "x0_clip" else 0
+        return Cost(predictions * self.calls_per_prediction, images)
+
+    def reference_cost(self, n: int) -> Cost:
+        """Once per iteration: the current architecture. sample_clip: scored like an action;
+        the x0 metrics: its samples (CLIP-scored, the iteration's CLIP), then its own
+        predictions from them."""
+        if self.metric == "sample_clip":
+            return self.sample_cost(n)
+        return self.sample_cost(n) + self.score_cost(n)
 
 
 @dataclass
@@ -60,12 +130,65 @@ class ActionValue:
     value: float  # delta_clip / delta_ms
     seconds: float  # time spent scoring this action
     node: str | None = None  # Ray node id that scored it (None: in process; nas.search.ray)
+    unet_calls: int = 0  # compute spent scoring it (Cost)
+    images: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-class Evaluator:
+class ActionScorer:
+    """What the evolution scores actions with: per-image scores of an architecture (`scores`,
+    the same images for every architecture, so differences are paired), their mean (`score`),
+    and every action's value (`evaluate`). Subclasses give `supernet`, `protocol`, `prompts`
+    and `scores`."""
+
+    supernet: ElasticUNet
+    protocol: Protocol
+    prompts: list[str]
+
+    def scores(self, arch: Architecture, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def prepare(self, arch: Architecture) -> None:
+        """Called once per iteration with the current architecture, before its actions."""
+
+    def score(self, arch: Architecture) -> float:
+        return float(self.scores(arch).mean())
+
+    def evaluate(
+        self,
+        arch: Architecture,
+        predictor: Predictor,
+        kinds=("remove",),
+        base_clip: float | None = None,
+        progress=None,
+    ) -> list[ActionValue]:
+        """Δscore, ΔLatency and value of every legal action of `kinds` from `arch`
+        (`base_clip`: the score of `arch`, if known)."""
+        space = self.supernet.space
+        base = self.score(arch) if base_clip is None else base_clip
+        base_ms = predictor.predict(arch).raw_ms
+        cost = self.protocol.score_cost(len(self.prompts))
+        out = []
+        for action in space.actions(arch):
+            if action.kind not in kinds:
+                continue
+            start = time.perf_counter()
+            after = arch.apply(action)
+            clip = self.score(after)
+            ms = predictor.predict(after).raw_ms
+            seconds = time.perf_counter() - start
+            out.append(action_value(action, base, clip, base_ms, ms, seconds, cost=cost))
+            if progress is not None:
+                progress()
+        return out
+
+
+class Evaluator(ActionScorer):
+    """Scores architectures by sampling images and CLIP-scoring them (metric sample_clip);
+    `action_scorer` wraps it in the protocol's metric for the evolution."""
+
     def __init__(
         self,
         supernet: ElasticUNet,
@@ -111,9 +234,7 @@ class Evaluator:
             for i in range(start, stop, p.batch_size):
                 sl = slice(i, min(i + p.batch_size, stop))
                 with self.autocast(), torch.no_grad():
-                    latents = generate(
-                        self.supernet, self.context[sl], self.uncond, self.noise[sl], p.steps, p.cfg
-                    )
+                    latents = self.sample(self.supernet, sl)
                     feats = self.clip.image_features(self.decode(latents))
                 out.append(self.clip.score_features(feats.float(), self.text_features[sl]))
         finally:
@@ -126,15 +247,7 @@ class Evaluator:
         self.supernet.set_architecture(arch)
         try:
             with self.autocast(), torch.no_grad():
-                latents = generate(
-                    self.supernet,
-                    self.context[:n],
-                    self.uncond,
-                    self.noise[:n],
-                    self.protocol.steps,
-                    self.protocol.cfg,
-                )
-                images = self.decode(latents)
+                images = self.decode(self.sample(self.supernet, slice(0, n)))
             return images.float().clamp(0, 1)
         finally:
             self.supernet.set_architecture(previous)
@@ -143,55 +256,176 @@ class Evaluator:
         """Per-image CLIP scores of another UNet (a standalone or distilled network, a
         teacher) on the same prompts and noises, sampled with the supernet's scheduler."""
         p, out = self.protocol, []
-        scheduler = getattr(self.supernet, "scheduler_config", None)
         for i in range(0, len(self.prompts), p.batch_size):
             sl = slice(i, min(i + p.batch_size, len(self.prompts)))
             with self.autocast(), torch.no_grad():
-                latents = generate(
-                    model, self.context[sl], self.uncond, self.noise[sl], p.steps, p.cfg, scheduler
-                )
-                feats = self.clip.image_features(self.decode(latents))
+                feats = self.clip.image_features(self.decode(self.sample(model, sl)))
             out.append(self.clip.score_features(feats.float(), self.text_features[sl]))
         return torch.cat(out)
 
     def model_images(self, model: torch.nn.Module, n: int) -> torch.Tensor:
         """The first n images of another UNet (as `images`), in [0, 1]."""
-        scheduler = getattr(self.supernet, "scheduler_config", None)
-        p = self.protocol
         with self.autocast(), torch.no_grad():
-            latents = generate(
-                model, self.context[:n], self.uncond, self.noise[:n], p.steps, p.cfg, scheduler
-            )
-            return self.decode(latents).float().clamp(0, 1)
+            return self.decode(self.sample(model, slice(0, n))).float().clamp(0, 1)
+
+    def sample(self, model: torch.nn.Module, sl: slice) -> torch.Tensor:
+        """Latents of images `sl` (their prompts and noises) sampled with `model` (the supernet
+        in its current architecture, or another UNet with the supernet's scheduler)."""
+        p = self.protocol
+        scheduler = getattr(self.supernet, "scheduler_config", None)
+        return generate(
+            model,
+            self.context[sl],
+            self.uncond,
+            self.noise[sl],
+            p.steps,
+            p.cfg,
+            scheduler,
+            sampler=p.sampler,
+        )
 
     def clip_score(self, arch: Architecture) -> float:
-        return float(self.scores(arch).mean())
+        """CLIP score of `arch`'s sampled images (the protocol's sampler and steps)."""
+        return self.score(arch)
 
-    def evaluate(
-        self,
-        arch: Architecture,
-        predictor: Predictor,
-        kinds=("remove",),
-        base_clip: float | None = None,
-        progress=None,
-    ) -> list[ActionValue]:
-        """ΔCLIP, ΔLatency and value of every legal action of `kinds` from `arch`."""
-        space = self.supernet.space
-        base = self.clip_score(arch) if base_clip is None else base_clip
-        base_ms = predictor.predict(arch).raw_ms
+
+class DenoisingProxy(ActionScorer):
+    """The one-call metrics (x0_clip, x0_distance) around an `Evaluator` (its prompts, text
+    conditions, noises, CLIP and sampler).
+
+    `prepare(arch)`, once per iteration: the current architecture samples its images from the
+    protocol's noises; each is noised to every timestep t of the protocol (x_t = sqrt(ᾱ_t) x0 +
+    sqrt(1 - ᾱ_t) ε, ε fixed by the protocol's seed); the current architecture predicts x0 from
+    each x_t (one guided UNet call). A candidate is scored on the same x_t, one call each:
+    x0_clip is the CLIP score of its decoded predictions; x0_distance is minus the mean squared
+    distance of its predictions to the current architecture's (0 for the current one). Per
+    image, the mean over timesteps."""
+
+    def __init__(self, evaluator: Evaluator):
+        if evaluator.protocol.metric == "sample_clip":
+            raise UserError("DenoisingProxy is for the x0 metrics; sample_clip is the Evaluator")
+        self.evaluator = evaluator
+        self.supernet, self.protocol = evaluator.supernet, evaluator.protocol
+        self.prompts = evaluator.prompts
+        config = getattr(self.supernet, "scheduler_config", None)
+        schedule = make_scheduler(config)
+        self.prediction_type = schedule.config.prediction_type
+        check_timesteps(self.protocol.timesteps, schedule.config.num_train_timesteps)
+        self.timesteps = list(self.protocol.timesteps)
+        self.alphas = schedule.alphas_cumprod[self.timesteps].float()  # ᾱ_t
+        self.reference: Architecture | None = None
+        self.sample_clip: float | None = None  # CLIP of the reference's own samples
+
+    def prepare(self, arch: Architecture) -> None:
+        ev, p = self.evaluator, self.protocol
+        previous = self.supernet.architecture
+        self.supernet.set_architecture(arch)
+        samples, clips = [], []
+        try:
+            for i in range(0, len(self.prompts), p.batch_size):
+                sl = slice(i, min(i + p.batch_size, len(self.prompts)))
+                with ev.autocast(), torch.no_grad():
+                    latents = ev.sample(self.supernet, sl).float()
+                    feats = ev.clip.image_features(ev.decode(latents))
+                clips.append(ev.clip.score_features(feats.float(), ev.text_features[sl]))
+                samples.append(latents.cpu())
+        finally:
+            self.supernet.set_architecture(previous)
+        x0 = torch.cat(samples)  # (n, C, H, W): the current network's own samples
+        g = torch.Generator().manual_seed(random.Random(f"x0-proxy-{p.seed}").getrandbits(63))
+        eps = torch.randn((len(self.timesteps), *x0.shape), generator=g)
+        a = self.alphas.view(-1, 1, 1, 1, 1)
+        self.noisy = a.sqrt() * x0 + (1 - a).sqrt() * eps  # (T, n, C, H, W), on the CPU
+        self.sample_clip = float(torch.cat(clips).mean())
+        self.reference = arch
+        self.base_prediction = None
+        self.base_prediction = self._predict(arch, 0, len(self.prompts))
+        self.base_scores = self._score(self.base_prediction, 0, len(self.prompts))
+
+    def _predict(self, arch: Architecture, start: int, stop: int) -> torch.Tensor:
+        """x0 predictions (T, stop - start, C, H, W) of `arch` from the prepared x_t."""
+        ev, p = self.evaluator, self.protocol
+        previous = self.supernet.architecture
+        self.supernet.set_architecture(arch)
+        device = next(self.supernet.parameters()).device
         out = []
-        for action in space.actions(arch):
-            if action.kind not in kinds:
-                continue
-            start = time.perf_counter()
-            after = arch.apply(action)
-            clip = self.clip_score(after)
-            ms = predictor.predict(after).raw_ms
-            seconds = time.perf_counter() - start
-            out.append(action_value(action, base, clip, base_ms, ms, seconds))
-            if progress is not None:
-                progress()
-        return out
+        was_training = self.supernet.training
+        self.supernet.eval()
+        try:
+            for k, t in enumerate(self.timesteps):
+                a = float(self.alphas[k])
+                rows = []
+                for i in range(start, stop, p.batch_size):
+                    j = min(i + p.batch_size, stop)
+                    x = self.noisy[k, i:j].to(device)
+                    context = ev.context[i:j]
+                    if p.cfg != 1.0:
+                        uncond = ev.uncond.to(device).expand(len(x), -1, -1)
+                        context = torch.cat([context, uncond])
+                    with ev.autocast(), torch.no_grad():
+                        pred = guided_output(self.supernet, x, t, context, p.cfg).float()
+                    rows.append(x0_from_output(pred, x, a, self.prediction_type).cpu())
+                out.append(torch.cat(rows))
+        finally:
+            self.supernet.set_architecture(previous)
+            self.supernet.train(was_training)
+        return torch.stack(out)
+
+    def _score(self, prediction: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Per-image scores (stop - start) of x0 predictions (T, stop - start, ...)."""
+        ev, p = self.evaluator, self.protocol
+        if p.metric == "x0_distance":
+            if self.base_prediction is None:  # the reference itself
+                return torch.zeros(stop - start)
+            base = self.base_prediction[:, start:stop]
+            return -((prediction - base) ** 2).mean(dim=(0, 2, 3, 4))
+        device = next(self.supernet.parameters()).device
+        per_t = []
+        for k in range(len(self.timesteps)):
+            rows = []
+            for i in range(0, stop - start, p.batch_size):
+                j = min(i + p.batch_size, stop - start)
+                with ev.autocast(), torch.no_grad():
+                    images = ev.decode(prediction[k, i:j].to(device))
+                    feats = ev.clip.image_features(images)
+                texts = ev.text_features[start + i : start + j]
+                rows.append(ev.clip.score_features(feats.float(), texts).cpu())
+            per_t.append(torch.cat(rows))
+        return torch.stack(per_t).mean(0)
+
+    def scores(self, arch: Architecture, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        if self.reference is None:
+            raise UserError("DenoisingProxy.prepare(arch) first: it draws the noised samples")
+        stop = len(self.prompts) if stop is None else min(stop, len(self.prompts))
+        if arch == self.reference:
+            return self.base_scores[start:stop]
+        return self._score(self._predict(arch, start, stop), start, stop)
+
+
+def guided_output(model, x: torch.Tensor, t: int, context: torch.Tensor, cfg: float):
+    """The model's guided output at `x`, timestep `t` (`context`: conditional then
+    unconditional contexts when cfg != 1), as a sampler step computes it."""
+    return guided_prediction(model, x, torch.tensor(t, device=x.device), context, cfg)
+
+
+def x0_from_output(output: torch.Tensor, x: torch.Tensor, alpha: float, kind: str):
+    """x0 from a UNet output at x_t with ᾱ_t = alpha, for the scheduler's prediction type."""
+    a, s = alpha**0.5, (1 - alpha) ** 0.5
+    if kind == "epsilon":
+        return (x - s * output) / a
+    if kind == "v_prediction":
+        return a * x - s * output
+    if kind == "sample":
+        return output
+    raise UserError(f"prediction type {kind!r}: the x0 metrics know epsilon, v_prediction, sample")
+
+
+def action_scorer(evaluator) -> ActionScorer:
+    """What the evolution scores actions with under the evaluator's protocol: the evaluator
+    itself (sample_clip) or a `DenoisingProxy` around it (the x0 metrics)."""
+    if evaluator.protocol.metric == "sample_clip":
+        return evaluator
+    return DenoisingProxy(evaluator)
 
 
 def action_value(
@@ -202,6 +436,7 @@ def action_value(
     ms: float,
     seconds: float,
     node: str | None = None,
+    cost: Cost | None = None,
 ) -> ActionValue:
     """The ActionValue of `action` from the CLIP score and raw latency before (`base`,
     `base_ms`) and after it (`clip`, `ms`); shared by in-process and Ray evaluation."""
@@ -210,6 +445,17 @@ def action_value(
     else:  # what the copy would give and cost
         d_clip, d_ms = clip - base, ms - base_ms
     value = d_clip / d_ms if d_ms > 0 else float("inf")
+    cost = cost or Cost()
     return ActionValue(
-        str(action), action.kind, action.slot, clip, d_clip, d_ms, value, seconds, node
+        str(action),
+        action.kind,
+        action.slot,
+        clip,
+        d_clip,
+        d_ms,
+        value,
+        seconds,
+        node,
+        cost.unet_calls,
+        cost.images,
     )

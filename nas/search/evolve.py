@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from latency.predict import Predictor
 from nas.experiment import Experiment
-from nas.search.evaluate import ActionValue, Evaluator
+from nas.search.evaluate import ActionValue, Cost, Evaluator, action_scorer
 from nas.search.racing import race
 from nas.supernet import ElasticUNet
 from search_spaces import Action, Architecture, SearchSpace, UserError
@@ -161,6 +161,7 @@ def evolve(
     world knows its data, encoders and loss: see `nas.search.run`).
     """
     space, s = model.space, exp.search
+    scorer = action_scorer(evaluator)  # the protocol's metric (nas.search.evaluate)
     last, arch = run.load_checkpoint(model)
     converged = bool(run.history()) and run.history()[-1].get("converged", False)
     it = last + 1
@@ -180,11 +181,12 @@ def evolve(
             leave=False,
         ) as bar:
             images = None  # images each action was scored on, when racing
+            scorer.prepare(arch)  # the x0 metrics: the current network's samples, noised
             if exp.evaluation.racing:
-                base = evaluator.scores(arch)
-                base_clip = float(base.mean())
+                base = scorer.scores(arch)
+                base_score = float(base.mean())
                 race_ = race(
-                    evaluator,
+                    scorer,
                     arch,
                     predictor,
                     s.group_size,
@@ -194,8 +196,11 @@ def evolve(
                 )
                 values, images = race_.values, race_.images
             else:
-                base_clip = evaluator.clip_score(arch)
-                values = evaluator.evaluate(arch, predictor, ("remove",), base_clip, bar.update)
+                base_score = scorer.score(arch)
+                values = scorer.evaluate(arch, predictor, ("remove",), base_score, bar.update)
+        # the iteration's CLIP: of the current network's samples (the x0 metrics drew them)
+        base_clip = base_score if scorer is evaluator else scorer.sample_clip
+        compute = iteration_compute(scorer.protocol, len(scorer.prompts), values)
         latency = predictor.predict(arch).total_ms
         rules = []  # why each removal was chosen
         if latency > target_ms:
@@ -219,8 +224,11 @@ def evolve(
             "latency_ms": latency,
             "target_ms": target_ms,
             "clip": base_clip,
+            "metric": scorer.protocol.metric,
+            "score": base_score,  # of the current network under the metric (sample_clip: CLIP)
             "actions": [v.to_dict() for v in values],
             "images": images,
+            "compute": compute,
             "decision": decision,
             "applied": [str(a) for a in changed],
             "rules": rules,
@@ -248,6 +256,42 @@ def evolve(
         arch = after
         it += 1
     return _finish(model, evaluator, predictor, run, arch, target_ms, it)
+
+
+def iteration_compute(protocol, n: int, values: list[ActionValue]) -> dict:
+    """An iteration's evaluation compute: the current network (`Protocol.reference_cost`)
+    and each action (recorded in its ActionValue), in UNet calls and images."""
+    reference = protocol.reference_cost(n)
+    actions = Cost(sum(v.unet_calls for v in values), sum(v.images for v in values))
+    total = reference + actions
+    return {
+        "unet_calls": total.unet_calls,
+        "images": total.images,
+        "reference": reference.to_dict(),
+        "actions": actions.to_dict(),
+        "n_actions": len(values),
+    }
+
+
+def run_compute(history: list[dict]) -> dict | None:
+    """The search's evaluation compute, summed over iterations (None: a history recorded
+    before compute was)."""
+    if not history or any("compute" not in h for h in history):
+        return None
+    calls = sum(h["compute"]["unet_calls"] for h in history)
+    images = sum(h["compute"]["images"] for h in history)
+    actions = sum(h["compute"]["n_actions"] for h in history)
+    return {
+        "unet_calls": calls,
+        "images": images,
+        "iterations": len(history),
+        "actions": actions,
+        "unet_calls_per_action": calls / actions if actions else None,
+        # wall time scoring actions (the current network's not included), and of the whole
+        # iterations (robust training too)
+        "action_seconds": sum(a["seconds"] for h in history for a in h["actions"]),
+        "iteration_seconds": sum(h["seconds"] for h in history),
+    }
 
 
 def _remove(
@@ -336,6 +380,7 @@ def _finish(model, evaluator, predictor, run: RunDir, arch, target_ms, iteration
             "counts": {"original": model.space.counts(original), "found": model.space.counts(arch)},
             "params": {"original": model.space.params(original), "found": model.space.params(arch)},
             "prompts": evaluator.prompts[:GRID],
+            "evaluation_compute": run_compute(run.history()),
         }
         for name, a in (("original", original), ("found", arch)):
             save_grid(evaluator.images(a, GRID), run.path / f"grid_{name}.png")

@@ -9,6 +9,10 @@ have been scored on all images:
     round 0: every action on `first` images
     round r: the `2 * keep` lowest-value actions on `first * growth**r` images (capped)
 
+so an iteration of A actions on n images scores A * first + min(A, 2 * keep) * (n - first)
+action-images (`raced_images`), whatever the scores: its compute is known before it runs.
+It races any of the protocol's metrics (`nas.search.evaluate.action_scorer`).
+
 Every estimate stays paired: an action's ΔCLIP is always against the base architecture's
 scores on the same images. Cost is counted in images generated (base + actions).
 """
@@ -21,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from latency.predict import Predictor
-from nas.search.evaluate import ActionValue, Evaluator, action_value
+from nas.search.evaluate import ActionScorer, ActionValue, action_value
 from search_spaces import Architecture
 
 
@@ -33,8 +37,15 @@ class RaceResult:
     full_cost: int  # images the plain protocol would generate (every action on every image)
 
 
+def raced_images(actions: int, images: int, keep: int, first: int) -> int:
+    """Action-images racing scores in an iteration of `actions` actions on `images` images
+    (the base architecture's not included)."""
+    first = min(first, images)
+    return actions * first + min(actions, 2 * keep) * (images - first)
+
+
 def race(
-    evaluator: Evaluator,
+    evaluator: ActionScorer,
     arch: Architecture,
     predictor: Predictor,
     keep: int,
@@ -63,7 +74,13 @@ def race(
         clip_after = float(s.mean())
         clip_base = float(base[: len(s)].mean())
         return action_value(
-            action, clip_base, clip_after, base_ms, after_ms[str(action)], seconds[str(action)]
+            action,
+            clip_base,
+            clip_after,
+            base_ms,
+            after_ms[str(action)],
+            seconds[str(action)],
+            cost=evaluator.protocol.score_cost(len(s)),
         )
 
     alive, upto = actions, min(first, n)

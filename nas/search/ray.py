@@ -148,6 +148,17 @@ class RayEvaluator:
     def supernet(self):
         return self.local.supernet
 
+    @property
+    def protocol(self):
+        return self.local.protocol
+
+    def prepare(self, arch: Architecture) -> None:
+        """Nothing to prepare: the actors sample (metric sample_clip; the x0 metrics run in
+        process, `nas.search.run.run_search` refuses them with Ray)."""
+
+    def score(self, arch: Architecture) -> float:
+        return self.clip_score(arch)
+
     def images(self, arch: Architecture, n: int) -> torch.Tensor:
         return self.local.images(arch, n)
 
@@ -176,8 +187,11 @@ class RayEvaluator:
         if base_clip is None:
             base_clip, scores, actions, archs = scores[0][0], scores[1:], actions[1:], archs[1:]
         base_ms = predictor.predict(arch).raw_ms
+        cost = self.local.protocol.score_cost(len(self.prompts))
         return [
-            action_value(a, base_clip, clip, base_ms, predictor.predict(after).raw_ms, sec, node)
+            action_value(
+                a, base_clip, clip, base_ms, predictor.predict(after).raw_ms, sec, node, cost
+            )
             for a, after, (clip, sec, node) in zip(actions, archs, scores, strict=True)
         ]
 

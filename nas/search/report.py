@@ -286,7 +286,7 @@ def _html(run, history, result, has_values, distilled=None, comparison=False) ->
     its = "".join(
         f"<tr><td>{h['iteration']}</td><td>{h['latency_ms']:.2f}</td><td>{h['clip']:.2f}</td>"
         f"<td>{e(h['decision'])}</td><td>{e(_applied(h))}</td>"
-        f"<td>{h['seconds']:.0f} s</td></tr>"
+        f"<td>{_compute_cell(h)}</td><td>{h['seconds']:.0f} s</td></tr>"
         for h in history
     )
     grids = ""
@@ -327,10 +327,50 @@ figure{{margin:0}}</style></head><body>
 <table><tr>{head}</tr>{rows}</table>
 {weights_note}<h2>Evolution</h2><img src=progress.png><img src=architecture.png>
 <table><tr><th>iteration</th><th>ms</th><th>CLIP</th><th>decision</th><th>applied</th>
-<th>time</th></tr>{its}</table>
+<th>evaluation compute</th><th>time</th></tr>{its}</table>{_compute_summary(run, history)}
 <h2>Block values</h2>{values}<h2>Latency per stage</h2>{stages}{grids}
 </body></html>
 """
+
+
+def _compute_cell(record: dict) -> str:
+    """An iteration's evaluation compute: actions, UNet calls, images ('-' before it was
+    recorded)."""
+    c = record.get("compute")
+    if not c:
+        return "-"
+    return f"{c['n_actions']} actions: {c['unet_calls']:,} UNet calls, {c['images']:,} images"
+
+
+def _compute_summary(run: Path, history: list[dict]) -> str:
+    """The search's evaluation compute (nas.search.evolve.run_compute) and what it measured."""
+    from nas.search.evolve import run_compute
+
+    total = run_compute(history)
+    if total is None:
+        return ""
+    spec = run / "experiment.yaml"
+    e = (yaml.safe_load(spec.read_text()).get("evaluation") or {}) if spec.is_file() else {}
+    how = ", ".join(
+        f"{k} {e[k]}"
+        for k in ("metric", "sampler", "steps", "prompts", "seeds", "racing")
+        if k in e
+    )
+    calls = total["unet_calls"] - sum(h["compute"]["reference"]["unet_calls"] for h in history)
+    rate = (
+        f"; {1000 * total['action_seconds'] / calls:.2f} ms per UNet call on this machine "
+        "(actions' wall time, decoding and CLIP included)"
+        if calls
+        else ""
+    )
+    return (
+        f"<p>Evaluation compute: <b>{total['unet_calls']:,} UNet calls</b> (one latent through "
+        f"the UNet; a guided step of one image is two) and {total['images']:,} images decoded and "
+        f"CLIP-scored, over {total['iterations']} iterations and {total['actions']} actions "
+        f"({total['unet_calls_per_action']:,.0f} calls per action, the current network's "
+        f"included){rate}. Protocol: {html.escape(how)}. <code>diffnas plan</code> projects "
+        "this for another protocol or device (docs/evaluation-cost.md).</p>"
+    )
 
 
 def _applied(record: dict) -> str:

@@ -106,6 +106,9 @@ def make_evaluator(exp: Experiment, world) -> Evaluator:
         batch_size=e.batch_size,
         seed=exp.seed,
         precision=e.precision,
+        sampler=e.sampler,
+        metric=e.metric,
+        timesteps=tuple(e.timesteps) if e.timesteps is not None else None,
     )
     return Evaluator(
         world.supernet, world.clip, protocol, world.encode_text, world.uncond(), world.decode
@@ -161,6 +164,12 @@ def run_search(
         raise UserError(
             "evaluation.racing scores actions in this process; set it to 0 to evaluate on "
             "Ray workers, or run with one worker and no --ray-address"
+        )
+    if exp.ray.enabled and exp.evaluation.metric != "sample_clip":
+        raise UserError(
+            f"evaluation.metric {exp.evaluation.metric} scores actions in this process (one "
+            "call per timestep: little to spread); use metric sample_clip to evaluate on Ray "
+            "workers, or run with one worker and no --ray-address"
         )
     if exp.ray.enabled:
         from nas.cluster import RayCluster

@@ -1,10 +1,15 @@
-"""Sampling: DDIM (diffusers' `DDIMScheduler`) with classifier-free guidance, batched.
+"""Sampling: DDIM (diffusers' `DDIMScheduler`) or DPM-Solver++ (`DPMSolverMultistepScheduler`)
+with classifier-free guidance, batched.
 
 The conditional and unconditional predictions of a step come from one UNet call on the
 doubled batch (as SD pipelines do). By default sampling is deterministic (DDIM with eta = 0):
 the same noise gives the same images, so architectures compared on the same `initial_noise`
 differ only by what the architecture does. eta > 0 adds fresh noise at every step (eta = 1:
 DDPM's ancestral sampling), drawn from a seeded generator so that it is reproducible too.
+
+`sampler="dpm_solver"` samples with DPM-Solver++ (2M, deterministic) from the same noises, built
+from the same scheduler config (schedule, prediction type, timestep spacing): one UNet call per
+step as DDIM, but good images in fewer steps (docs/evaluation-cost.md).
 """
 
 from __future__ import annotations
@@ -13,10 +18,11 @@ import random
 from collections.abc import Mapping
 
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from nas.protocol_checks import check_steps
 from nas.supernet import ElasticUNet
 from search_spaces import SearchSpace, UserError
 
@@ -33,11 +39,20 @@ SD15_SCHEDULER: dict = {
 }
 
 
-def make_scheduler(scheduler_config: Mapping | None = None) -> DDIMScheduler:
+# sampler name -> its diffusers scheduler (the steps each takes: nas.protocol_checks)
+SAMPLERS: dict[str, type] = {"ddim": DDIMScheduler, "dpm_solver": DPMSolverMultistepScheduler}
+
+
+def make_scheduler(scheduler_config: Mapping | None = None, sampler: str = "ddim"):
+    """The sampler's diffusers scheduler from a (DDIM) scheduler config: the schedule, the
+    prediction type and the timestep spacing carry over; keys only DDIM knows are ignored."""
+    if sampler not in SAMPLERS:
+        raise UserError(f"sampler {sampler!r} is not one of {', '.join(SAMPLERS)}")
+    config = dict(scheduler_config or SD15_SCHEDULER)
     try:
-        return DDIMScheduler.from_config(dict(scheduler_config or SD15_SCHEDULER))
+        return SAMPLERS[sampler].from_config(config)
     except (TypeError, ValueError, NotImplementedError) as e:
-        raise UserError(f"bad DDIM scheduler config {dict(scheduler_config)}: {e}") from None
+        raise UserError(f"bad {sampler} scheduler config {config}: {e}") from None
 
 
 def initial_noise(space: SearchSpace, n: int, seed: int) -> Tensor:
@@ -86,6 +101,21 @@ def _check_inputs(model: torch.nn.Module, context: Tensor, uncond: Tensor, noise
         )
 
 
+def guided_prediction(model, x: Tensor, t, context: Tensor, cfg: float, scale=None) -> Tensor:
+    """The model's output at `x`, timestep `t`, guided: u + cfg (c - u), from one call on the
+    doubled batch when `context` holds the conditional then the unconditional contexts
+    (cfg != 1), else one call on `x`. `scale`: the scheduler's scale_model_input, if any."""
+    guided = cfg != 1.0
+    inp = torch.cat([x, x]) if guided else x
+    if scale is not None:
+        inp = scale(inp, t)
+    pred = model(inp, t, encoder_hidden_states=context).sample
+    if guided:
+        cond, unc = pred.chunk(2)
+        pred = unc + cfg * (cond - unc)
+    return pred
+
+
 @torch.no_grad()
 def generate(
     model: ElasticUNet | torch.nn.Module,
@@ -98,6 +128,7 @@ def generate(
     progress: bool = False,
     eta: float = 0.0,
     generator: torch.Generator | None = None,
+    sampler: str = "ddim",
 ) -> Tensor:
     """DDIM-sample latents (B, C, H, W) from `noise` with the model's current architecture
     (or with any diffusers UNet, e.g. a standalone network).
@@ -109,12 +140,15 @@ def generate(
     SD-v1.5's. `eta`: DDIM's stochasticity, 0 (deterministic) to 1 (ancestral); the noise it
     adds is drawn from `generator` (a CPU generator; None: torch's global one). Runs on the
     model's device, in eval mode (no block is skipped); returns the latents there.
+    `sampler`: "ddim", or "dpm_solver" (DPM-Solver++ 2M from the same config; no eta).
     """
-    if steps < 1:
-        raise UserError(f"steps={steps}: DDIM needs at least one step")
     check_eta(eta)
+    if eta and sampler != "ddim":
+        raise UserError(f"eta={eta}: eta is DDIM's; {sampler} samples deterministically")
     _check_inputs(model, context, uncond, noise)
-    scheduler = make_scheduler(scheduler_config or getattr(model, "scheduler_config", None))
+    config = scheduler_config or getattr(model, "scheduler_config", None)
+    scheduler = make_scheduler(config, sampler)
+    check_steps(sampler, steps, scheduler.config.num_train_timesteps)
     scheduler.set_timesteps(steps)
     device = next(model.parameters()).device
     x = noise.to(device, torch.float32) * scheduler.init_noise_sigma
@@ -126,13 +160,10 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        for t in tqdm(scheduler.timesteps, disable=not progress, desc="DDIM", unit="step"):
-            inp = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
-            pred = model(inp, t, encoder_hidden_states=context).sample
-            if guided:
-                cond, unc = pred.chunk(2)
-                pred = unc + cfg * (cond - unc)
-            x = scheduler.step(pred, t, x, eta=eta, generator=generator).prev_sample
+        extra = {"eta": eta, "generator": generator} if sampler == "ddim" else {}
+        for t in tqdm(scheduler.timesteps, disable=not progress, desc=sampler, unit="step"):
+            pred = guided_prediction(model, x, t, context, cfg, scheduler.scale_model_input)
+            x = scheduler.step(pred, t, x, **extra).prev_sample
     finally:
         model.train(was_training)
     return x
