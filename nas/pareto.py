@@ -51,6 +51,7 @@ DESIGNS = Path(__file__).resolve().parents[1] / "experiments" / "designs"
 SNAPFUSION = DESIGNS.parent / "snapfusion_sd15.arch.json"  # SnapFusion's Table 3 network
 BASELINES = "baselines"
 JUDGED = "judged.jsonl"
+MEASURED = "measured.json"  # each network's whole-network time here, kept on resume
 COMPARE = "compare.json"
 NOISE_OFFSET = 7919  # judging noises: seed + this, never the noises a search scored with
 SEARCHES = ("evolution", "optuna", "random")
@@ -317,7 +318,7 @@ def judge_sweep(exp: Experiment, path: Path, progress: bool = True) -> dict:
             | {"counts": space.counts(a), "arch": a.to_dict()}
             for h, a in archs.items()
         }
-    measured = measure_networks(exp, space, archs) if compare.measure else {}
+    measured = measure_networks(exp, space, archs, path / MEASURED) if compare.measure else {}
     for h, ms in measured.items():
         networks[h]["measured_ms"] = ms
     for p in points:
@@ -349,11 +350,16 @@ def judge_sweep(exp: Experiment, path: Path, progress: bool = True) -> dict:
     return out
 
 
-def measure_networks(exp: Experiment, space: SearchSpace, archs: dict) -> dict[str, float]:
+def measure_networks(exp: Experiment, space: SearchSpace, archs: dict, keep: Path) -> dict:
     """Each network timed whole on this machine (the fastest of two rounds in shuffled
-    orders), when the experiment's table is a torch table (else {}: nothing to time here)."""
+    orders), when the experiment's table is a torch table (else {}: nothing to time here);
+    the times are kept in `keep`, and only networks it lacks are timed."""
     if exp.latency.backend != "torch":
         return {}
+    kept = json.loads(keep.read_text()) if keep.is_file() else {}
+    todo = {h: a for h, a in archs.items() if h not in kept}
+    if not todo:
+        return {h: kept[h] for h in archs}
     from latency.backends import get_backend
 
     from .measure import NetworkTimer
@@ -367,11 +373,13 @@ def measure_networks(exp: Experiment, space: SearchSpace, archs: dict) -> dict[s
     timer, out = NetworkTimer(space, backend), {}
     rng = random.Random(0)
     for _ in range(2):
-        order = list(archs)
+        order = list(todo)
         rng.shuffle(order)
         for h in order:
-            out[h] = min(out.get(h, math.inf), timer(archs[h]))
-    return out
+            out[h] = min(out.get(h, math.inf), timer(todo[h]))
+    kept |= out
+    keep.write_text(json.dumps(kept, indent=1) + "\n")
+    return {h: kept[h] for h in archs}
 
 
 # -- the summary --------------------------------------------------------------------------------
