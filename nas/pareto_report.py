@@ -129,6 +129,14 @@ def plot_front(summary: dict, out: Path, title: str, judged: bool) -> Path:
                 label=f"hand design: {g['name']}",
                 zorder=5,
             )
+            ax.annotate(
+                g["name"],
+                (g[key]["mean"], g["clip"]["mean"]),
+                xytext=(6, -10),
+                textcoords="offset points",
+                fontsize=7.5,
+                color="0.25",
+            )
         for g in groups:
             if g["method"] == "original" and g[key]["n"]:
                 ax.errorbar(

@@ -77,8 +77,13 @@ def sd15_designs(args) -> dict:
     backend = get_backend("torch", repeats=args.sd15_repeats, warmup=1, threads=1)
     start = time.perf_counter()
     with LatencyTable(db) as table:
-        build_table(space, table, backend, "cpu-local", progress=False)  # what it lacks only
+        built = build_table(space, table, backend, "cpu-local", progress=False)  # lacking only
         predictor = Predictor(space, table, "cpu-local")
+        builds = [
+            {k: b[k] for k in ("spread", "max_spread", "blocks", "created")}
+            for b in table.builds("cpu-local")
+            if b["space"] == space.name
+        ]
         origin = predictor.predict(space.original()).total_ms
         rows = {"original": {"params": space.params(space.original()), "latency_ms": origin}}
         for name, file in default_designs(space).items():
@@ -91,6 +96,9 @@ def sd15_designs(args) -> dict:
         "latent": list(space.latent),
         "batch": space.batch,
         "seconds_with_build": time.perf_counter() - start,
+        "measured_now": len(built.measured),  # 0: the table was complete (measured earlier)
+        # the builds that measured the table: a spread above max_spread means a busy machine
+        "builds": builds,
         "networks": rows,
     }
 
