@@ -132,7 +132,7 @@ def plot_front(summary: dict, out: Path, title: str, judged: bool) -> Path:
             ax.annotate(
                 g["name"],
                 (g[key]["mean"], g["clip"]["mean"]),
-                xytext=(6, -10),
+                xytext=(6, 5 if i % 2 else -11),  # alternate sides: neighbours overlap less
                 textcoords="offset points",
                 fontsize=7.5,
                 color="0.25",
