@@ -196,12 +196,37 @@ def sweep_cmd(
     gpus: bool = typer.Option(
         None, "--gpus/--no-gpus", help="One GPU per trial (default: if the cluster has GPUs)."
     ),
+    compare: bool = typer.Option(
+        False,
+        "--compare",
+        help="Also Optuna and random search at each evolution's budget, and the space's hand "
+        "designs, all judged on held-out prompts (docs/pareto.md).",
+    ),
+    design: list[Path] = typer.Option(
+        None,
+        "--design",
+        help="With --compare: a hand design's architecture JSON (repeat); "
+        "default: experiments/designs/ for the space.",
+    ),
+    judge_prompts: int = typer.Option(
+        None, "--judge-prompts", help="With --compare: held-out prompts (default: all)."
+    ),
+    judge_noises: int = typer.Option(2, "--judge-noises", help="With --compare: noises each."),
+    judge_steps: int = typer.Option(20, "--judge-steps", help="With --compare: DDIM steps."),
+    fine_tune_steps: int = typer.Option(
+        0,
+        "--fine-tune-steps",
+        help="With --compare: robust steps every judged network gets first (default 0: none).",
+    ),
 ) -> None:
-    """One evolution per (target, seed) as Ray Tune trials; a results table and a Pareto plot
-    of predicted latency vs CLIP in runs/<name>/."""
+    """One evolution per (target, seed) as Ray Tune trials; a results table, a Pareto plot of
+    predicted latency vs CLIP and report.html in runs/<name>/ (with --compare: against
+    Optuna, random search and the hand designs)."""
     from nas.experiment import load_experiment
     from nas.search.sweep import local_cpus, run_sweep
 
+    if design and not compare:
+        raise UserError("--design goes with --compare")
     if resume is None and targets is None:
         raise UserError("--targets is required (e.g. --targets 0.7,0.5,0.3), unless --resume")
     if workers is not None and workers < 1:
@@ -213,15 +238,38 @@ def sweep_cmd(
         **{"latency.device": device, "ray.workers": workers, "ray.address": ray_address},
         **{"ray.gpus": gpus},
     )
+    spec = None
+    if compare:  # the hand designs are checked against the space before anything runs
+        from nas.search.pareto import CompareSpec, check_designs, default_designs
+        from search_spaces import load_space
+
+        space = load_space(exp.space)
+        designs = check_designs(space, design) if design else default_designs(space)
+        spec = CompareSpec(designs, judge_prompts, judge_noises, judge_steps, fine_tune_steps)
+        spec.check()
     result = run_sweep(
-        exp, targets, seeds if resume is not None else (seeds or 1), runs, name, resume
+        exp,
+        targets,
+        seeds if resume is not None else (seeds or 1),
+        runs,
+        name,
+        resume,
+        compare=spec,
     )
     typer.echo(f"sweep of {len(result.rows)} trial(s): {result.path}")
 
 
 @app.command("report")
-def report_cmd(run: Path = typer.Argument(..., help="A run directory (runs/<name>).")) -> None:
-    """Write runs/<name>/report.html with its pictures."""
+def report_cmd(
+    run: Path = typer.Argument(..., help="A run directory (runs/<name>) or a sweep directory."),
+) -> None:
+    """Write runs/<name>/report.html with its pictures (of a sweep: its front, and with
+    --compare the baselines and hand designs beside it)."""
+    if (run / "sweep_config.json").is_file():
+        from nas.search.pareto_report import write_sweep_report
+
+        typer.echo(f"wrote {write_sweep_report(run)}")
+        return
     from nas.search.report import write_report
 
     typer.echo(f"wrote {write_report(run)}")

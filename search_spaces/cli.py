@@ -98,8 +98,17 @@ def show_cmd(
     space: str = typer.Argument(..., help="Built-in or plug-in name, or a space YAML file."),
     arch: Path = typer.Option(None, "--arch", help="Architecture JSON to compare to the original."),
     slots: bool = typer.Option(False, "--slots", help="Also list every slot."),
+    device: str = typer.Option(
+        None, "--device", help="Also the predicted latency on this device of a lookup table."
+    ),
+    db: Path = typer.Option(
+        None,
+        "--db",
+        help="With --device: the table file (default: $DIFFNAS_LATENCY_DB or ./latency.db).",
+    ),
 ) -> None:
-    """Blocks per stage (the paper's Table 3 layout) and parameter counts."""
+    """Blocks per stage (the paper's Table 3 layout), parameter counts, and with --device
+    the predicted latency."""
     sp = load_space(space)
     architecture = None
     if arch is not None:
@@ -118,6 +127,28 @@ def show_cmd(
         )
     inputs = f"latent {'×'.join(map(str, sp.latent))}, context {'×'.join(map(str, sp.context))}"
     console.print(f"inputs: {inputs}, batch {sp.batch}")
+    if device is not None:
+        _print_latency(sp, architecture, label, device, db)
+
+
+def _print_latency(sp: SearchSpace, arch: Architecture | None, label: str, device, db) -> None:
+    """The table's predicted latency of the original (and `arch`) on `device`; a table that
+    lacks the device or some of the space's blocks is an error naming the command to run."""
+    from latency.cli import open_table
+    from latency.predict import Predictor
+
+    with open_table(db) as table:
+        predictor = Predictor(sp, table, device)
+        origin = predictor.predict(sp.original())
+        where = f"{device} ({predictor.setting['backend']}/{predictor.setting['compute_unit']}/"
+        where += f"{predictor.setting['precision']}, {table.path})"
+        console.print(f"predicted latency on {where}, origin: {origin.total_ms:.2f} ms")
+        if arch is not None:
+            ms = predictor.predict(arch).total_ms
+            console.print(
+                f"predicted latency, {label}: {ms:.2f} ms ({100 * ms / origin.total_ms:.1f}% "
+                "of origin)"
+            )
 
 
 @app.command("validate")

@@ -8,12 +8,14 @@ for quick, results/full/ for full (the scripts are given `--out` there).
 
 Two profiles (--profile):
 
-    quick  `make bench`: the six benchmarks of the method (tiny world, supernet overhead,
-           latency accuracy, latency transfer, search fidelity, Ray scaling) with fewer
-           repeats: about 32 minutes on 2 CPU cores once the tiny world is cached (the first
-           script builds it otherwise: +8 min); then the evaluation outcome in its quick
-           profile (ten whole searches: an hour or more) and the SD-v1.5 projection, which
-           reads its result. The README's results are this profile's.
+    quick  `make bench`: the seven benchmarks of the method (tiny world, supernet overhead,
+           latency accuracy, latency transfer, search fidelity, Ray scaling, the Pareto front
+           against the hand designs) with fewer repeats: about 32 minutes on 2 CPU cores once
+           the tiny world is cached, without the Pareto sweep (its own time is in
+           results/pareto.json; the first script builds the world otherwise: +8 min); then
+           the evaluation outcome in its quick profile (ten whole searches: an hour or more)
+           and the SD-v1.5 projection, which reads its result. The README's results are this
+           profile's.
     full   `make bench-full`: every script with more repeats (mostly its own defaults;
            latency accuracy in the paired protocol), plus the evaluation-cost and strategy
            comparisons (about 35 minutes on 2 cores), and the GPU benchmark (sd15_action)
@@ -64,6 +66,8 @@ PROFILES: dict[str, dict[str, list[str]]] = {
         "latency_transfer": ["--quick"],
         "search_fidelity": [],  # three searches, each on a table of its own
         "ray_scaling": ["--rounds", "1"],
+        # the design targets + 0.4, 2 seeds: evolution, Optuna and random per trial
+        "pareto": [],
         # every protocol's whole search, 2 seeds, the reference raced (its PROFILES); long
         "eval_outcome": ["--profile", "quick"],
         # the sd15 CPU table (built if the cache lacks it) and the plan: a minute or two
@@ -94,6 +98,7 @@ PROFILES: dict[str, dict[str, list[str]]] = {
         "ray_scaling": [],
         "strategy_compare": ["--threads", "1"],
         "sd15_action": [],  # only where a CUDA GPU is seen
+        "pareto": ["--profile", "full"],
     },
 }
 GPU_ONLY = {"sd15_action"}

@@ -148,6 +148,24 @@ def latency_table(exp: Experiment, space: SearchSpace, progress: bool = True):
     return table
 
 
+def robust_trainer(exp: Experiment, world):
+    """`train(model, steps, seed)`: robust training of `model` in its current architecture,
+    with the experiment's batch and learning rate on the world's data (what the evolution
+    runs before each iteration)."""
+    s = exp.search
+
+    def robust_train(model, steps: int, seed: int):
+        config = world.train_config(
+            steps=steps, batch_size=s.batch_size, lr=s.lr, seed=seed, checkpoint_every=0
+        )
+        data = world.dataset(steps * s.batch_size, seed)
+        return train(
+            model, data, config, encode=world.encode_batch, progress=False, uncond=world.uncond()
+        )
+
+    return robust_train
+
+
 def run_search(
     exp: Experiment,
     runs: Path = Path("runs"),
@@ -213,20 +231,16 @@ def _run_search(exp, runs, name, resume, progress, cluster) -> SearchResult:
     evaluator = make_evaluator(exp, world)
     if cluster is not None:
         evaluator = ray_evaluator(exp, evaluator, cluster)
-    s = exp.search
-
-    def robust_train(model, steps: int, seed: int):
-        config = world.train_config(
-            steps=steps, batch_size=s.batch_size, lr=s.lr, seed=seed, checkpoint_every=0
-        )
-        data = world.dataset(steps * s.batch_size, seed)
-        return train(
-            model, data, config, encode=world.encode_batch, progress=False, uncond=world.uncond()
-        )
-
     try:
         result = evolve(
-            exp, world.supernet, evaluator, predictor, robust_train, run, target, progress=progress
+            exp,
+            world.supernet,
+            evaluator,
+            predictor,
+            robust_trainer(exp, world),
+            run,
+            target,
+            progress=progress,
         )
     finally:
         if cluster is not None:

@@ -16,6 +16,8 @@ trial cut short resumes its evolution where it stopped (`nas.search.run.run_sear
       tune/                   Ray Tune's experiment state (what Tuner.restore reads)
       sweep.json, sweep.csv   one row per trial: target, seed, latency, CLIP, parameters
       pareto.png              predicted latency vs CLIP, the Pareto front highlighted
+      front.png, report.html  `diffnas report`: the front, and with --compare the baselines
+                              and hand designs beside it (search/pareto.py, search/pareto_report.py)
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import yaml
@@ -35,6 +37,7 @@ from latency.predict import Predictor
 from nas.cluster import ENV_FORWARDED, RayCluster
 from nas.experiment import Experiment, RaySpec, TargetSpec
 from nas.search.evolve import resolve_target
+from nas.search.pareto import CompareSpec
 from search_spaces import UserError
 
 log = logging.getLogger(__name__)
@@ -85,6 +88,12 @@ def parse_targets(text: str | Sequence[float]) -> list[float]:
         raise UserError(f"--targets: {', '.join(map(str, bad))} out of range; {how}")
     if len(set(values)) != len(values):
         raise UserError(f"--targets {text!r}: a target is repeated; give each once")
+    names = [f"{v:.2f}" for v in values]  # a trial is named by its target to 0.01
+    if len(set(names)) != len(names):
+        raise UserError(
+            f"--targets {text!r}: targets closer than 0.01 share a trial name; give targets "
+            "at least 0.01 apart"
+        )
     return sorted(values, reverse=True)
 
 
@@ -127,6 +136,7 @@ def _run_trial(config: dict, experiment: dict, env: dict[str, str]) -> None:
         torch.set_num_threads(1)  # one CPU per trial: the trials are the parallelism
     sweep = Path(config["sweep_dir"])
     exp = trial_experiment(Experiment.model_validate(experiment), config["target"], config["seed"])
+    compare = json.loads((sweep / CONFIG).read_text()).get("compare")
     name = trial_name(config["target"], config["seed"])
     run_dir = sweep / name
     if (run_dir / "result.json").is_file():
@@ -135,6 +145,10 @@ def _run_trial(config: dict, experiment: dict, env: dict[str, str]) -> None:
         run_search(exp, resume=run_dir, progress=False)  # the evolution's own resume
     else:
         run_search(exp, runs=sweep, name=name, progress=False)
+    if compare is not None:  # Optuna and random search at this evolution's budget
+        from nas.search.pareto import run_baselines
+
+        run_baselines(exp, sweep, name)
     row = trial_row(run_dir, config["target"], config["seed"], sweep)
     with tempfile.TemporaryDirectory() as tmp:
         # the checkpoint marks the trial done and points at its run directory (which holds
@@ -180,6 +194,7 @@ def run_sweep(
     name: str | None = None,
     resume: Path | None = None,
     progress: bool = True,
+    compare: CompareSpec | None = None,
 ) -> SweepResult:
     """Run (or, with `resume`, continue) the sweep of `exp` over targets × seeds.
 
@@ -187,16 +202,22 @@ def run_sweep(
     On resume, `targets` and `seeds` may be left out (None): the sweep's own are used.
     `exp.ray` says where the trials run: `workers` trials at a time (one CPU each, or one
     GPU each on a cluster with GPUs), on a local Ray instance or the cluster at `address`.
+    `compare` (nas.search.pareto): also run Optuna and random search at each evolution's budget and
+    judge them, the space's hand designs and the original on held-out prompts (a sweep's
+    own setting: on resume, leave it out or give the same).
     """
     from ray import tune
 
     if resume is not None:
         path = Path(resume)
-        config = _check_resume(path, exp, targets, seeds)
+        config = _check_resume(path, exp, targets, seeds, compare)
     else:
         if seeds is None or seeds < 1:
             raise UserError(f"--seeds {seeds}: give at least 1")
         config = {"targets": parse_targets(targets), "seeds": [exp.seed + i for i in range(seeds)]}
+        if compare is not None:
+            compare.check()
+            config["compare"] = asdict(compare)
         path = runs / (name or f"{exp.name}-sweep")
         if path.exists() and any(path.iterdir()):
             raise UserError(
@@ -204,7 +225,7 @@ def run_sweep(
                 "another --name"
             )
     path = path.resolve()
-    _prepare(exp, config["targets"], progress)
+    _prepare(exp, config, progress)
     if resume is None:
         path.mkdir(parents=True, exist_ok=True)
         (path / "experiment.yaml").write_text(
@@ -268,14 +289,24 @@ def run_sweep(
             f"the sweep stopped with {len(unfinished)} unfinished trial(s) "
             f"({', '.join(unfinished)}); continue it with --resume {path}"
         )
-    return summarize(path, progress)
+    result = summarize(path, progress)
+    if config.get("compare") is not None:
+        from nas.search.pareto import judge_sweep
+
+        judge_sweep(exp, path, progress)
+    from nas.search.pareto_report import write_sweep_report
+
+    report = write_sweep_report(path)
+    if progress:
+        print(f"report: {report}")
+    return result
 
 
 def _tune_dirname(trial) -> str:
     return trial_name(trial.config["target"], trial.config["seed"])
 
 
-def _check_resume(path: Path, exp: Experiment, targets, seeds) -> dict:
+def _check_resume(path: Path, exp: Experiment, targets, seeds, compare) -> dict:
     stored = path / "experiment.hash"
     if not (path / CONFIG).is_file() or not stored.is_file():
         raise UserError(f"{path} is not a diffnas sweep directory (no {CONFIG})")
@@ -292,15 +323,27 @@ def _check_resume(path: Path, exp: Experiment, targets, seeds) -> dict:
         )
     if seeds is not None and seeds != len(config["seeds"]):
         raise UserError(f"{path} sweeps {len(config['seeds'])} seed(s); resume it with those")
+    if compare is not None and asdict(compare) != config.get("compare"):
+        raise UserError(
+            f"{path} was started {'with other' if config.get('compare') else 'without'} "
+            "--compare settings; resume it without them (its own are kept), or start a new "
+            "sweep with --name"
+        )
     return config
 
 
-def _prepare(exp: Experiment, targets: list[float], progress: bool) -> None:
+def _prepare(exp: Experiment, config: dict, progress: bool) -> None:
     """Before any trial starts: measure the latency table and build a tiny world once
-    (instead of every trial at the same time), and refuse targets the space cannot reach."""
+    (instead of every trial at the same time), and refuse targets the space cannot reach
+    and hand designs of another space."""
     from nas.search.run import experiment_space, latency_table, open_world
 
     space = experiment_space(exp)
+    targets = config["targets"]
+    if config.get("compare") is not None:
+        from nas.search.pareto import check_designs
+
+        check_designs(space, config["compare"]["designs"].values())
     table = latency_table(exp, space, progress)
     try:
         predictor = Predictor(space, table, exp.latency.device, precision=exp.latency.precision)
