@@ -14,6 +14,9 @@ import typer
 
 from latency.cli import app as latency_app
 from latency.cli import register_validate
+from nas.deploy.cli import register as register_deploy
+from nas.worlds.cli import WORLD_CONFIG_HELP
+from nas.worlds.cli import register as register_world
 from search_spaces.cli import app as space_app
 from search_spaces.errors import UserError
 
@@ -275,88 +278,6 @@ def report_cmd(
     typer.echo(f"wrote {write_report(run)}")
 
 
-world_app = typer.Typer(
-    help="The tiny world: shapes data, a tiny CLIP and the tiny space's supernet, trained here.",
-    no_args_is_help=True,
-)
-app.add_typer(world_app, name="world")
-WORLD_CONFIG_HELP = "JSON file of TinyWorldConfig fields (default: the standard tiny world)."
-THREADS_HELP = "torch CPU threads (default: torch's choice)."
-
-
-def _open_world(config_file: Path | None, threads: int | None, rebuild: bool = False):
-    from nas.worlds.tiny import TinyWorldConfig, load_tiny_world
-
-    if threads is not None:
-        if threads < 1:
-            raise UserError(f"--threads {threads}: give at least 1")
-        import torch
-
-        torch.set_num_threads(threads)
-    config = TinyWorldConfig.from_json(config_file) if config_file else TinyWorldConfig()
-    return load_tiny_world(config, progress=True, rebuild=rebuild)
-
-
-@world_app.command("build")
-def world_build_cmd(
-    rebuild: bool = typer.Option(False, "--rebuild", help="Train again, ignoring the cache."),
-    # --world-config as in `generate` and `train`; --config kept for existing scripts
-    config: Path = typer.Option(None, "--world-config", "--config", help=WORLD_CONFIG_HELP),
-) -> None:
-    """Build the tiny world (first use: a few minutes) or show the cached one. The build
-    always uses 2 torch threads, so that a config gives the same world everywhere."""
-    world = _open_world(config, None, rebuild)
-    m = world.metrics
-    typer.echo(f"tiny world {m['config_hash']} in {world.folder}")
-    typer.echo(
-        f"{'built now' if world.built else 'cached'}: build took {m['build_seconds']:.0f} s "
-        f"(CLIP {m['clip_seconds']:.0f} s, UNet {m['unet_seconds']:.0f} s)"
-    )
-    typer.echo(
-        f"tiny CLIP: zero-shot text->image top-1 on {len(world.val_prompts)} held-out prompts: "
-        f"{100 * m['clip_val_retrieval_top1']:.1f}%"
-    )
-
-
-@app.command("generate")
-def generate_cmd(
-    prompt: list[str] = typer.Option(..., "--prompt", "-p", help="A prompt; repeat for more."),
-    out: Path = typer.Option(..., "--out", help="PNG file: one row per prompt."),
-    arch: Path = typer.Option(None, "--arch", help="Architecture JSON (default: original)."),
-    steps: int = typer.Option(20, "--steps", help="DDIM steps."),
-    cfg: float = typer.Option(3.0, "--cfg", help="Classifier-free guidance weight."),
-    n: int = typer.Option(4, "--n", help="Images per prompt."),
-    seed: int = typer.Option(0, "--seed", help="Noise seed."),
-    eta: float = typer.Option(
-        0.0, "--eta", help="DDIM eta: 0 deterministic, up to 1: fresh noise at every step."
-    ),
-    scale: int = typer.Option(4, "--scale", help="Upscale the 32x32 images by this factor."),
-    config: Path = typer.Option(None, "--world-config", help=WORLD_CONFIG_HELP),
-    threads: int = typer.Option(None, "--threads", help=THREADS_HELP),
-) -> None:
-    """Generate images in the tiny world with DDIM + CFG and write them as a grid (the world
-    is built on first use: a few minutes)."""
-    from nas.worlds.generate import check_eta
-    from nas.worlds.tiny import write_grid
-    from search_spaces import Architecture
-
-    if n < 1 or scale < 1:
-        raise UserError("--n and --scale must be at least 1")
-    check_eta(eta)  # before a world is built
-    world = _open_world(config, threads)
-    architecture = None
-    if arch is not None:
-        architecture = Architecture.load(arch)
-        world.space.validate(architecture, str(arch))
-    prompts = [p for p in prompt for _ in range(n)]
-    images = world.generate(prompts, seed=seed, steps=steps, cfg=cfg, arch=architecture, eta=eta)
-    scores = world.score(images, prompts).view(len(prompt), n).mean(1)
-    write_grid(images, out, nrow=n, scale=scale)
-    for p, s in zip(prompt, scores.tolist(), strict=True):
-        typer.echo(f"CLIP {s:5.1f}  {p}")
-    typer.echo(f"wrote {out}")
-
-
 @app.command("train")
 def train_cmd(
     experiment: Path = typer.Argument(
@@ -429,7 +350,7 @@ def train_cmd(
     else:
         if world != "tiny":
             raise UserError(f"--world {world!r}: the worlds are: tiny")
-        the_world = _open_world(world_config, None)
+        the_world = open_world(world_config, None)
         overrides = {k: v for k, v in overrides.items() if v is not None}
         name, source = world, {"world": world, "world_config": str(world_config or "")}
     config = the_world.train_config(**overrides)
@@ -450,64 +371,8 @@ def train_cmd(
     )
 
 
-@app.command("distill")
-def distill_cmd(
-    run: Path = typer.Argument(..., help="A finished search's run directory (runs/<name>)."),
-    teacher: Path = typer.Option(
-        None, "--teacher", help="A diffusers UNet folder (default: the run's full network)."
-    ),
-    steps: int = typer.Option(None, "--steps", help="Training steps (default: experiment's)."),
-    batch_size: int = typer.Option(None, "--batch-size", help="Samples per step."),
-    lr: float = typer.Option(None, "--lr", help="AdamW learning rate."),
-    task_weight: float = typer.Option(None, "--task-weight", help="Weight of the task loss."),
-    output_weight: float = typer.Option(None, "--output-weight", help="Weight of output KD."),
-    feature_weight: float = typer.Option(None, "--feature-weight", help="Weight of feature KD."),
-    device: str = typer.Option(None, "--device", help="torch device (cpu, cuda, ...)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue RUN/distilled/."),
-    force: bool = typer.Option(False, "--force", help="Delete RUN/distilled/ and start over."),
-) -> None:
-    """Train the found network from a frozen teacher (task + output KD + feature KD) into
-    RUN/distilled/ (docs/distill.md)."""
-    import yaml
-
-    from nas.distill_config import DistillConfig
-    from nas.experiment import Experiment
-
-    overrides = dict(steps=steps, batch_size=batch_size, lr=lr, device=device)
-    overrides |= dict(
-        task_weight=task_weight, output_weight=output_weight, feature_weight=feature_weight
-    )
-    DistillConfig().with_overrides(**overrides)  # bad flags fail before anything loads
-    from nas.deploy.distill import check_finished, distill
-
-    check_finished(run)
-    exp = Experiment.model_validate(yaml.safe_load((run / "experiment.yaml").read_text()))
-    metrics = distill(
-        run, exp.distill.with_overrides(**overrides), teacher=teacher, resume=resume, force=force
-    )
-    clip = metrics["clip"]
-    for name in clip["after"]:
-        typer.echo(
-            f"CLIP ({name} prompts): found {clip['before'][name]:.2f} -> distilled "
-            f"{clip['after'][name]:.2f}; teacher {clip['teacher'][name]:.2f}"
-        )
-    typer.echo(f"distilled network: {run / 'distilled'}")
-
-
-@app.command("export")
-def export_cmd(
-    run: Path = typer.Argument(..., help="A finished search's run directory (runs/<name>)."),
-    fmt: str = typer.Option("diffusers", "--format", help="diffusers, coreml or executorch."),
-    distilled: bool = typer.Option(False, "--distilled", help="The distilled network."),
-    out: Path = typer.Option(None, "--out", help="Default: RUN/export/<network>-<format>."),
-    force: bool = typer.Option(False, "--force", help="Replace what --out holds."),
-) -> None:
-    """Write the found (or distilled) network as a model that loads without diffnas."""
-    from nas.deploy.export import check_format, export_network
-
-    check_format(fmt)  # before anything loads
-    path, info = export_network(run, fmt, distilled=distilled, out=out, force=force)
-    typer.echo(f"{info['network']} network as {info['form']}: {path}")
+register_world(app)
+register_deploy(app)
 
 
 @app.callback()

@@ -232,3 +232,16 @@ def _message(err: dict) -> str:
             return f"unknown option; the options here are: {', '.join(model.model_fields)}"
         return "unknown option"
     return err["msg"].removeprefix("Value error, ")
+
+
+def absolute_paths(exp: Experiment) -> Experiment:
+    """The experiment with its file paths made absolute: Ray Tune runs a trial in a working
+    directory of its own (and a cluster node elsewhere), where relative paths mean nothing."""
+    space, world, latency = exp.space, exp.world, exp.latency
+    if Path(space).is_file():  # a space YAML (built-in and plug-in names stay names)
+        space = str(Path(space).resolve())
+    # the world's relative files are read from data_dir: anchoring it anchors them all
+    world = world.model_copy(update={"data_dir": str(Path(world.data_dir).expanduser().resolve())})
+    if latency.db:
+        latency = latency.model_copy(update={"db": str(Path(latency.db).resolve())})
+    return exp.model_copy(update={"space": space, "world": world, "latency": latency})

@@ -15,9 +15,10 @@ from latency.profile import build_table
 from latency.table import LatencyTable
 from nas.cli import main
 from nas.experiment import Experiment, load_experiment
-from nas.search.evaluate import Cost, DenoisingProxy, Evaluator, Protocol, action_scorer
+from nas.search.evaluate import Cost, Evaluator, Protocol
 from nas.search.evolve import RunDir
 from nas.search.plan import Timing, iteration_cost
+from nas.search.proxy import DenoisingProxy, action_scorer
 from nas.search.racing import race, raced_images
 from nas.search.run import run_search
 from nas.worlds.generate import generate, initial_noise

@@ -11,9 +11,9 @@ import pytest
 from nas.cli import main
 from nas.experiment import load_experiment
 from nas.search.evaluate import Evaluator
+from nas.search.front import pareto_front
 from nas.search.optuna import RUN_FILE, run_optuna
 from nas.search.run import run_search
-from nas.search.sweep import pareto_front
 from search_spaces import Architecture, UserError, load_space
 
 EXPERIMENT = {

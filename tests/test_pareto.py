@@ -11,14 +11,10 @@ from latency.signature import signatures
 from latency.table import LatencyTable
 from nas.cli import main
 from nas.experiment import load_experiment
-from nas.search.pareto import (
-    CompareSpec,
-    default_designs,
-    evaluation_budget,
-    summarize,
-    verdict,
-)
-from nas.search.sweep import run_sweep, trial_name
+from nas.search.front import trial_name
+from nas.search.pareto import CompareSpec, default_designs, evaluation_budget
+from nas.search.pareto_stats import summarize, verdict
+from nas.search.sweep import run_sweep
 from search_spaces import load_space
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,8 +15,9 @@ import pytest
 
 from nas.cli import main
 from nas.experiment import load_experiment
+from nas.search.front import pareto_front, trial_name
 from nas.search.run import experiment_space, open_world
-from nas.search.sweep import COLUMNS, pareto_front, parse_targets, run_sweep, trial_name
+from nas.search.sweep import COLUMNS, parse_targets, run_sweep
 from nas.worlds.tiny_build import lock_path
 from search_spaces import UserError
 

@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 
 from latency.predict import Predictor
 from nas.experiment import Experiment
-from nas.search.evaluate import ActionValue, Cost, Evaluator, action_scorer
+from nas.search.evaluate import ActionValue, Cost, Evaluator
+from nas.search.proxy import action_scorer
 from nas.search.racing import race
 from nas.supernet import ElasticUNet
 from search_spaces import Action, Architecture, SearchSpace, UserError
@@ -161,7 +162,7 @@ def evolve(
     world knows its data, encoders and loss: see `nas.search.run`).
     """
     space, s = model.space, exp.search
-    scorer = action_scorer(evaluator)  # the protocol's metric (nas.search.evaluate)
+    scorer = action_scorer(evaluator)  # the protocol's metric (nas.search.proxy)
     last, arch = run.load_checkpoint(model)
     converged = bool(run.history()) and run.history()[-1].get("converged", False)
     it = last + 1

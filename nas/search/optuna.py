@@ -51,7 +51,7 @@ from ray.tune.search.optuna import OptunaSearch
 from tqdm.auto import tqdm
 
 from latency.predict import Predictor
-from nas.experiment import Experiment
+from nas.experiment import Experiment, absolute_paths
 from nas.search.evolve import RunDir, SearchResult, resolve_target, smallest_latency
 from nas.search.optuna_study import (
     DEFAULT_TRIALS,
@@ -65,7 +65,6 @@ from nas.search.optuna_study import (
     scored_in_run,
     stored_result,
 )
-from nas.search.sweep import absolute_paths
 from search_spaces import Architecture, UserError
 
 log = logging.getLogger(__name__)

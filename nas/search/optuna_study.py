@@ -14,7 +14,7 @@ from optuna.trial import FrozenTrial, TrialState
 from latency.predict import Predictor
 from nas.experiment import Experiment
 from nas.search.evolve import SearchResult
-from nas.search.sweep import plot_pareto
+from nas.search.front import plot_pareto
 from search_spaces import Architecture, SearchSpace, UserError
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,8 @@ import html
 import json
 from pathlib import Path
 
-from nas.search.pareto import COMPARE, summarize
+from nas.search.pareto import COMPARE
+from nas.search.pareto_stats import summarize
 from search_spaces import UserError
 
 STYLE = {  # method -> (label, colour, marker)
@@ -28,7 +29,7 @@ DESIGN_MARKERS = "DPXh*p"
 
 
 def _finished_rows(path: Path) -> list[dict]:
-    from nas.search.sweep import CONFIG, trial_name, trial_row
+    from nas.search.front import CONFIG, trial_name, trial_row
 
     if not (path / CONFIG).is_file():
         raise UserError(f"{path} is not a diffnas sweep directory (no {CONFIG})")

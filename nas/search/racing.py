@@ -11,7 +11,7 @@ have been scored on all images:
 
 so an iteration of A actions on n images scores A * first + min(A, 2 * keep) * (n - first)
 action-images (`raced_images`), whatever the scores: its compute is known before it runs.
-It races any of the protocol's metrics (`nas.search.evaluate.action_scorer`).
+It races any of the protocol's metrics (`nas.search.proxy.action_scorer`).
 
 Every estimate stays paired: an action's ΔCLIP is always against the base architecture's
 scores on the same images. Cost is counted in images generated (base + actions).
