@@ -104,6 +104,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if unknown:
         ap.error(f"--protocols: from {', '.join(PROTOCOLS)}")
     args.protocol_names = names
+    args.merge = [str(p) for p in args.merge]  # recorded in the result's settings
     return args
 
 
@@ -236,7 +237,7 @@ def main(argv=None) -> None:
     if (args.resume or args.no_search) and args.out.is_file():
         runs = json.loads(args.out.read_text()).get("runs", [])
     for other in args.merge:
-        runs += json.loads(other.read_text()).get("runs", [])
+        runs += json.loads(Path(other).read_text()).get("runs", [])
     done = {(r["protocol"], r["seed"]) for r in runs}
     runs = list({(r["protocol"], r["seed"]): r for r in runs}.values())
     cache: dict = {}
