@@ -350,7 +350,7 @@ def train_cmd(
     else:
         if world != "tiny":
             raise UserError(f"--world {world!r}: the worlds are: tiny")
-        the_world = open_world(world_config, None)
+        the_world = open_tiny_world(world_config, None)
         overrides = {k: v for k, v in overrides.items() if v is not None}
         name, source = world, {"world": world, "world_config": str(world_config or "")}
     config = the_world.train_config(**overrides)

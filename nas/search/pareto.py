@@ -46,7 +46,7 @@ from nas.search.evolve import RunDir
 from nas.search.pareto_stats import summarize
 from search_spaces import Architecture, SearchSpace, UserError
 
-DESIGNS = Path(__file__).resolve().parents[1] / "experiments" / "designs"
+DESIGNS = Path(__file__).resolve().parents[2] / "experiments" / "designs"
 SNAPFUSION = DESIGNS.parent / "snapfusion_sd15.arch.json"  # SnapFusion's Table 3 network
 BASELINES = "baselines"
 JUDGED = "judged.jsonl"

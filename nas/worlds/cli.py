@@ -17,7 +17,7 @@ WORLD_CONFIG_HELP = "JSON file of TinyWorldConfig fields (default: the standard 
 THREADS_HELP = "torch CPU threads (default: torch's choice)."
 
 
-def open_world(config_file: Path | None, threads: int | None, rebuild: bool = False):
+def open_tiny_world(config_file: Path | None, threads: int | None, rebuild: bool = False):
     from nas.worlds.tiny import TinyWorldConfig, load_tiny_world
 
     if threads is not None:
@@ -38,7 +38,7 @@ def world_build_cmd(
 ) -> None:
     """Build the tiny world (first use: a few minutes) or show the cached one. The build
     always uses 2 torch threads, so that a config gives the same world everywhere."""
-    world = open_world(config, None, rebuild)
+    world = open_tiny_world(config, None, rebuild)
     m = world.metrics
     typer.echo(f"tiny world {m['config_hash']} in {world.folder}")
     typer.echo(
@@ -75,7 +75,7 @@ def generate_cmd(
     if n < 1 or scale < 1:
         raise UserError("--n and --scale must be at least 1")
     check_eta(eta)  # before a world is built
-    world = open_world(config, threads)
+    world = open_tiny_world(config, threads)
     architecture = None
     if arch is not None:
         architecture = Architecture.load(arch)
