@@ -41,7 +41,7 @@ lint: install
 # The site (mkdocs.yml): --strict fails on a broken link, a page missing from the navigation
 # or a module the API reference cannot read.
 docs: install
-	$(BIN)/mkdocs build --strict --site-dir site
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 bench: install
 	$(BIN)/python experiments/benchmarks/run_all.py --profile quick
