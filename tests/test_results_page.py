@@ -132,7 +132,11 @@ def test_bad_input_is_one_clear_error(results):
 def test_committed_page_and_readme_table_are_the_generated_ones():
     # docs/results.md and the README's table are never edited by hand: regenerate them with
     # `python experiments/benchmarks/results_page.py` (make bench does) after new results
-    assert (REPO / "docs" / "results.md").read_text() == page.render_page()
+    stale = "out of date: run `python experiments/benchmarks/results_page.py` and commit it"
+    assert (REPO / "docs" / "results.md").read_text() == page.render_page(), (
+        f"docs/results.md {stale}"
+    )
     readme = (REPO / "README.md").read_text()
-    assert readme == page.replace_block(readme, page.render_readme_table())
+    table = page.replace_block(readme, page.render_readme_table())
+    assert readme == table, f"the README's results table {stale}"
     assert sum(r.readme for r in page.ROWS) <= 15
