@@ -1,12 +1,13 @@
-"""The README's three how-tos, run command by command, in their order, at miniature sizes.
+"""The three how-tos of the documentation (docs/howtos.md), run command by command, in their
+order, at miniature sizes.
 
-Every command a test runs is first looked up in the README's "How-tos" section, so the
-README cannot drift from what is tested. `diffnas` commands run in this process (as
+Every command a test runs is first looked up in docs/howtos.md, so the page cannot drift
+from what is tested. `diffnas` commands run in this process (as
 `diffnas ARGV` would, through `nas.cli.main`), with miniature flags appended (one timed
 run per block, one thread); the server and the agent run as processes of their own; the
-README's `curl` lines run in bash as written. `~/.cache/diffnas` stands for the test's
+page's `curl` lines run in bash as written. `~/.cache/diffnas` stands for the test's
 `DIFFNAS_CACHE`, and the experiment files are copies of `experiments/tiny.yaml` edited as
-the README says, plus a miniature world and a short search.
+the page says, plus a miniature world and a short search.
 """
 
 from __future__ import annotations
@@ -29,8 +30,7 @@ from nas.search.evolve import RunDir
 from search_spaces import Architecture
 
 REPO = Path(__file__).resolve().parents[1]
-README = (REPO / "README.md").read_text()
-HOWTOS = README[README.index("## How-tos") : README.index("## Results")]
+HOWTOS = (REPO / "docs" / "howtos.md").read_text()
 FAST = ["--repeats", "1", "--warmup", "0", "--threads", "1"]  # one timed run per block
 
 
@@ -39,12 +39,12 @@ def flat(text: str) -> str:
 
 
 def documented(command: str) -> str:
-    assert flat(command) in flat(HOWTOS), f"not in the README's how-tos: {command}"
+    assert flat(command) in flat(HOWTOS), f"not in docs/howtos.md: {command}"
     return command
 
 
 def block(first_line: str) -> str:
-    """The README code block (of the how-tos) that starts with `first_line`."""
+    """The code block of docs/howtos.md that starts with `first_line`."""
     for body in re.findall(r"```\w*\n(.*?)```", HOWTOS, re.S):
         text = "\n".join(line.removeprefix("   ") for line in body.splitlines()) + "\n"
         if text.startswith(first_line):
@@ -53,7 +53,7 @@ def block(first_line: str) -> str:
 
 
 def diffnas(command: str, *extra: str, capsys) -> tuple[int, str]:
-    """A README command line, in this process: (exit code, output with lines re-joined)."""
+    """A command line of the how-tos, in this process: (exit code, output with lines re-joined)."""
     command = documented(command).replace("~/.cache/diffnas", os.environ["DIFFNAS_CACHE"])
     argv = shlex.split(command)
     assert argv[0] == "diffnas"
@@ -61,7 +61,7 @@ def diffnas(command: str, *extra: str, capsys) -> tuple[int, str]:
 
 
 def shell(command: str, **env: str) -> str:
-    """A README shell line (curl, ...) in bash, with this environment's python first."""
+    """A shell line of the how-tos (curl, ...) in bash, with this environment's python first."""
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
     done = subprocess.run(
         ["bash", "-c", documented(command)],
@@ -75,7 +75,7 @@ def shell(command: str, **env: str) -> str:
 
 
 def tiny_experiment(path: Path, **keys) -> dict:
-    """`cp experiments/tiny.yaml PATH`, the README's edits, and miniature sizes."""
+    """`cp experiments/tiny.yaml PATH`, the how-to's edits, and miniature sizes."""
     shutil.copy(REPO / "experiments" / "tiny.yaml", path)
     exp = yaml.safe_load(path.read_text())
     for key, value in keys.items():
@@ -297,7 +297,7 @@ def test_howto_profile_a_new_device(workdir, capsys, monkeypatch):
 
 
 def test_howto_plug_in_your_own_search_space(workdir, capsys, monkeypatch):
-    # 1. the space file, as the README gives it
+    # 1. the space file, as the how-to gives it
     space_yaml = block("# my-space.yaml")
     (workdir / "my-space.yaml").write_text(space_yaml)
 

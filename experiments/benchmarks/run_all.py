@@ -26,12 +26,14 @@ Two profiles (--profile):
     python experiments/benchmarks/run_all.py --only tiny_world,ray_scaling
 
 --only re-runs some and keeps the other rows of the profile's last summary (each row says
-when it ran).
+when it ran). Both profiles end by rewriting docs/results.md and the README's results table
+from the JSON results (results_page.py, beside this file).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -130,6 +132,19 @@ def run(name: str, flags: list[str], folder: Path) -> dict:
     }
 
 
+def write_pages() -> None:
+    """docs/results.md and the README's short table, from the result files now on disk."""
+    # loaded by path: the driver also runs as a module of its own tests, off sys.path
+    spec = importlib.util.spec_from_file_location(
+        "results_page", Path(__file__).with_name("results_page.py")
+    )
+    page = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = page  # dataclasses look their module up there
+    spec.loader.exec_module(page)
+    root = HERE.parents[1]
+    page.write_all(results=RESULTS, page=root / "docs" / "results.md", readme=root / "README.md")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--profile", choices=list(PROFILES), default="quick")
@@ -187,6 +202,7 @@ def main() -> None:
         )
     (folder / "summary.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))
+    write_pages()
     failed = [r["benchmark"] for r in rows if not r["ok"]]
     total = sum(r["seconds"] for r in rows)  # of the rows shown, including kept ones
     print(f"bench_total_minutes: {total / 60:.1f}")
