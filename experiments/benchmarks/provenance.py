@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -39,7 +40,7 @@ def provenance(args: argparse.Namespace | dict) -> dict:
     except ValueError:
         pass
     return {
-        "command": " ".join(["python", str(script), *sys.argv[1:]]),
+        "command": shlex.join(["python", str(script), *sys.argv[1:]]),
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in settings.items()},
         "commit": _commit(),
         "machine": {
