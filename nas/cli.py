@@ -15,7 +15,7 @@ import typer
 from latency.cli import app as latency_app
 from latency.cli import register_validate
 from nas.deploy.cli import register as register_deploy
-from nas.worlds.cli import WORLD_CONFIG_HELP
+from nas.worlds.cli import WORLD_CONFIG_HELP, open_tiny_world
 from nas.worlds.cli import register as register_world
 from search_spaces.cli import app as space_app
 from search_spaces.errors import UserError
