@@ -237,6 +237,18 @@ def generate_cmd(
     typer.echo(f"wrote {out}")
 
 
+# the data-parallel options of `train` and `distill` (Ray Train, nas.train_ray)
+WORKERS = typer.Option(
+    1, "--workers", help="Data-parallel workers on Ray Train (1: in this process, no Ray)."
+)
+RAY_ADDRESS = typer.Option(
+    None, "--ray-address", help="Join this Ray cluster (HOST:PORT) instead of a local one."
+)
+GPUS = typer.Option(
+    None, "--gpus/--no-gpus", help="One GPU per worker (default: if there is one each)."
+)
+
+
 @app.command("train")
 def train_cmd(
     experiment: Path = typer.Argument(
@@ -247,12 +259,8 @@ def train_cmd(
     ),
     world_config: Path = typer.Option(None, "--world-config", help=WORLD_CONFIG_HELP),
     steps: int = typer.Option(..., "--steps", help="Robust-training steps."),
-    workers: int = typer.Option(
-        1, "--workers", help="Data-parallel workers on Ray Train (1: in this process, no Ray)."
-    ),
-    ray_address: str = typer.Option(
-        None, "--ray-address", help="Join this Ray cluster (HOST:PORT) instead of a local one."
-    ),
+    workers: int = WORKERS,
+    ray_address: str = RAY_ADDRESS,
     batch_size: int = typer.Option(
         None, "--batch-size", help="Samples per step, split over the workers (default: config's)."
     ),
@@ -266,9 +274,7 @@ def train_cmd(
     snr_gamma: float = typer.Option(
         None, "--snr-gamma", help="Min-SNR loss weighting, e.g. 5 (default: plain MSE)."
     ),
-    gpus: bool = typer.Option(
-        None, "--gpus/--no-gpus", help="One GPU per worker (default: if there is one each)."
-    ),
+    gpus: bool = GPUS,
     out: Path = typer.Option(
         None, "--out", help="Folder for the trained supernet (default: runs/<name>-supernet)."
     ),
@@ -343,11 +349,14 @@ def distill_cmd(
     output_weight: float = typer.Option(None, "--output-weight", help="Weight of output KD."),
     feature_weight: float = typer.Option(None, "--feature-weight", help="Weight of feature KD."),
     device: str = typer.Option(None, "--device", help="torch device (cpu, cuda, ...)."),
+    workers: int = WORKERS,
+    ray_address: str = RAY_ADDRESS,
+    gpus: bool = GPUS,
     resume: bool = typer.Option(False, "--resume", help="Continue RUN/distilled/."),
     force: bool = typer.Option(False, "--force", help="Delete RUN/distilled/ and start over."),
 ) -> None:
     """Train the found network from a frozen teacher (task + output KD + feature KD) into
-    RUN/distilled/ (docs/distill.md)."""
+    RUN/distilled/ (docs/distill.md); DDP on Ray Train with --workers N."""
     import yaml
 
     from .distill_config import DistillConfig
@@ -359,11 +368,20 @@ def distill_cmd(
     )
     DistillConfig().with_overrides(**overrides)  # bad flags fail before anything loads
     from .distill import check_finished, distill
+    from .train_ray import check_train_args
 
     check_finished(run)
+    check_train_args(workers, ray_address, gpus)
     exp = Experiment.model_validate(yaml.safe_load((run / "experiment.yaml").read_text()))
     metrics = distill(
-        run, exp.distill.with_overrides(**overrides), teacher=teacher, resume=resume, force=force
+        run,
+        exp.distill.with_overrides(**overrides),
+        teacher=teacher,
+        resume=resume,
+        force=force,
+        workers=workers,
+        ray_address=ray_address,
+        use_gpu=gpus,
     )
     clip = metrics["clip"]
     for name in clip["after"]:

@@ -7,23 +7,33 @@ same supernet, or a diffusers UNet folder of the space's base network (`teacher=
 
 Training is the loop of robust training (`nas.train.train`: the world's data, noise schedule,
 timesteps, CFG dropout, AdamW, diffusers LR schedules, EMA, checkpoints, resume, progress bar)
-with another objective, `Distillation` (BK-SDM, Kim et al. 2023):
+with another objective, `Distillation` (after BK-SDM, Kim et al. 2023):
 
     task        the denoising loss against the data, as robust training computes it
     output KD   MSE(student prediction, teacher prediction), same noisy input, timestep, text
-    feature KD  sum over the UNet's down blocks, mid block and up blocks of
-                MSE(student's output of that block, teacher's output of the same block)
+    feature KD  over the matched blocks (below), by default the mean of each block's relative
+                error: per sample, MSE(student's output, teacher's output) / mean(teacher's
+                output^2), averaged over the samples; `feature_loss: mse` sums the plain MSEs
+                instead, as BK-SDM does
 
-Feature points are diffusers' top-level blocks, which every architecture of a space keeps:
-a removal replaces a ResNet or attention inside a block, never the block itself (its
-down/up-sampler stays). A block whose ResNets and attentions are all removed still has an
-output, its input (resampled if it resamples), and it is matched to the teacher's output of
-that block: the student is asked to produce there what the teacher's blocks produced, so the
-blocks before it learn to stand in for the removed ones.
+Feature points are diffusers' top-level blocks (down blocks, mid block, up blocks), which every
+architecture of a space keeps: a removal replaces a ResNet or attention inside a block, never
+the block itself (its down/up-sampler stays). A block whose ResNets and attentions are all
+removed is not matched: its output is its input (resampled, if it resamples), a tensor the
+previous block already produced, and matching it to the teacher's output of the removed blocks
+would ask one tensor to equal two different teacher tensors (BK-SDM likewise leaves the stages
+it removes out of its feature loss). Why relative errors: a block's output is not on the scale
+of the loss (on the tiny world the last up block's teacher output has a mean square of 21, the
+denoising target's is 1), so plain MSEs let the one or two largest blocks outweigh the task;
+the relative error is scale-free, and its mean does not grow with the number of blocks.
+
+With `workers` > 1 or a Ray address the same loop runs data-parallel on Ray Train
+(`nas.train_ray`, DDP, as `diffnas train`): each worker gets the student and the teacher as
+their configs and weights (`DistillationJob`) and trains on its share of every batch.
 
 RUN_DIR/distilled/: unet/ (the student, a standalone folder), config.json, metrics.json
 (written last: it marks a finished distillation), grid_distilled.png, before.json and train/
-(the loop's checkpoint, for --resume).
+(the loop's checkpoint, or Ray Train's checkpoint_<step>/ folders, for --resume).
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ import shutil
 import statistics
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -44,7 +55,7 @@ from search_spaces import Architecture, SearchSpace, UserError
 
 from .distill_config import DistillConfig
 from .evaluate import Evaluator, Protocol
-from .searched_unet import SearchedUNet2DConditionModel
+from .searched_unet import RemovedAttention, RemovedResnet, SearchedUNet2DConditionModel
 from .standalone import to_standalone
 from .supernet import ElasticUNet, check_weights_fit
 from .train import Objective, _loss, train
@@ -54,11 +65,40 @@ WORLD_ITEMS = 2**20  # training scenes, drawn when read (as `diffnas train`)
 GRID = 16  # images in grid_distilled.png: the first of the search protocol, as grid_found.png
 
 
-def feature_points(unet: torch.nn.Module) -> list[torch.nn.Module]:
-    """The modules whose outputs feature KD compares: down blocks, mid block, up blocks."""
+def feature_points(unet: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The modules whose outputs feature KD may compare, by name: down blocks, mid block, up
+    blocks (diffusers' top-level blocks)."""
     unet = unet.unet if isinstance(unet, ElasticUNet) else unet
-    mids = [unet.mid_block] if unet.mid_block is not None else []
-    return [*unet.down_blocks, *mids, *unet.up_blocks]
+    points = {f"down_blocks.{i}": b for i, b in enumerate(unet.down_blocks)}
+    if unet.mid_block is not None:
+        points["mid_block"] = unet.mid_block
+    return points | {f"up_blocks.{i}": b for i, b in enumerate(unet.up_blocks)}
+
+
+def computes(unet: torch.nn.Module, name: str) -> bool:
+    """Whether the top-level block `name` of `unet` keeps a ResNet or attention: False when
+    every one of them is removed (the block then returns its input, resampled if it
+    resamples). `unet`: a standalone network, an ElasticUNet (its current architecture) or
+    a plain diffusers UNet (always True)."""
+    block = feature_points(unet)[name]
+    parts = {
+        f"{name}.{kind}.{i}": m
+        for kind in ("resnets", "attentions")
+        for i, m in enumerate(getattr(block, kind, None) or [])
+    }
+    if not parts:  # a block of nothing but a sampler is not a removal
+        return True
+    if isinstance(unet, ElasticUNet):
+        multiplicity = unet.architecture.multiplicity
+        return any(multiplicity.get(path, 1) > 0 for path in parts)
+    return not all(isinstance(m, (RemovedResnet, RemovedAttention)) for m in parts.values())
+
+
+def matched_points(student: torch.nn.Module) -> list[str]:
+    """The feature points feature KD matches: every block in which the student still computes
+    something (docs/distill.md: a block whose ResNets and attentions are all removed is left
+    out)."""
+    return [name for name in feature_points(student) if computes(student, name)]
 
 
 @contextmanager
@@ -85,13 +125,34 @@ class Distillation(Objective):
     def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module, config: DistillConfig):
         self.teacher = teacher.eval().requires_grad_(False)
         self.config = config
-        self.student_points = feature_points(student)
-        self.teacher_points = feature_points(teacher)
-        if len(self.student_points) != len(self.teacher_points):
+        student_points, teacher_points = feature_points(student), feature_points(teacher)
+        if student_points.keys() != teacher_points.keys():
             raise UserError(
-                f"the teacher has {len(self.teacher_points)} down/mid/up blocks and the student "
-                f"{len(self.student_points)}: feature KD needs the same UNet topology"
+                f"the teacher has {len(teacher_points)} down/mid/up blocks and the student "
+                f"{len(student_points)}: feature KD needs the same UNet topology"
             )
+        self.points = matched_points(student)  # the blocks feature KD compares
+        self.student_points = [student_points[n] for n in self.points]
+        self.teacher_points = [teacher_points[n] for n in self.points]
+
+    def feature_kd(self, student: list[torch.Tensor], teacher: list[torch.Tensor]):
+        """The feature term from the matched blocks' outputs (config.feature_loss); None
+        where no block is matched."""
+        errors = []
+        for s, te in zip(student, teacher, strict=True):
+            s, te = s.float(), te.float()
+            if self.config.feature_loss == "relative":
+                # each sample's error over that sample's teacher mean square, averaged over
+                # the samples: scale-free, and a mean of per-sample values, so that data-
+                # parallel workers' shards average to the whole batch's value
+                error = (s - te).pow(2).flatten(1).mean(1)
+                errors.append((error / te.pow(2).flatten(1).mean(1).clamp_min(1e-12)).mean())
+            else:
+                errors.append(F.mse_loss(s, te))
+        if not errors:  # the student kept nothing of any block: nothing to match
+            return None
+        total = torch.stack(errors)
+        return total.mean() if self.config.feature_loss == "relative" else total.sum()
 
     def __call__(self, runner, noisy, t, cond, target, scheduler, config):
         c = self.config
@@ -108,8 +169,9 @@ class Distillation(Objective):
             ):
                 teacher_pred = self.teacher(noisy, t, encoder_hidden_states=cond).sample
             out_kd = F.mse_loss(pred.float(), teacher_pred.float())
-            for s, te in zip(student_feats, teacher_feats, strict=True):
-                feat_kd = feat_kd + F.mse_loss(s.float(), te.float())
+            if features:
+                feat_kd = self.feature_kd(student_feats, teacher_feats)
+                feat_kd = zero if feat_kd is None else feat_kd
         total = c.task_weight * task + c.output_weight * out_kd + c.feature_weight * feat_kd
         terms = {
             "task": task.detach(),
@@ -117,6 +179,21 @@ class Distillation(Objective):
             "feature_kd": feat_kd.detach(),
         }
         return total, terms
+
+
+@dataclass
+class DistillationJob:
+    """The distillation objective as a Ray Train worker builds it (`nas.train_ray`'s
+    `objective`): the teacher travels as plain data (`nas.train_ray._pack`), and each worker
+    makes its own copy on its device, frozen, beside its copy of the student."""
+
+    teacher: dict  # nas.train_ray._pack(teacher)
+    config: DistillConfig
+
+    def __call__(self, student: torch.nn.Module, device: torch.device) -> Distillation:
+        from .train_ray import _unpack
+
+        return Distillation(student, _unpack(self.teacher).to(device), self.config)
 
 
 # -- teacher, run directory ----------------------------------------------------------------------
@@ -189,21 +266,24 @@ def _prepare(folder: Path, resume: bool, force: bool) -> None:
 
 def protocols(exp, world, config: DistillConfig) -> dict[str, Protocol]:
     """The search's protocol, and a held-out one on the validation prompts it did not use."""
-    from .search import held_out_prompts, search_prompts
+    from .search import evaluation_protocol, held_out_prompts
 
-    e = exp.evaluation
-    common = {"cfg": e.cfg, "batch_size": e.batch_size, "seed": exp.seed, "precision": e.precision}
-    out = {
-        "search": Protocol(search_prompts(exp, world), e.seeds, e.steps, **common),
-    }
+    out = {"search": evaluation_protocol(exp, world)}
     held_out = held_out_prompts(exp, world)  # after the search's: no prompt in common
     if held_out:
-        out["held_out"] = Protocol(held_out, config.held_out_seeds, config.held_out_steps, **common)
+        out["held_out"] = evaluation_protocol(
+            exp, world, held_out, config.held_out_seeds, config.held_out_steps
+        )
     return out
 
 
-def _clip(evaluators: dict[str, Evaluator], net: torch.nn.Module) -> dict[str, float]:
-    return {name: float(ev.model_scores(net).mean()) for name, ev in evaluators.items()}
+def _scores(evaluators: dict[str, Evaluator], net: torch.nn.Module) -> dict[str, list[float]]:
+    """CLIP of each image, per protocol (same prompts and noises for every network)."""
+    return {name: ev.model_scores(net).tolist() for name, ev in evaluators.items()}
+
+
+def _means(scores: dict[str, list[float]]) -> dict[str, float]:
+    return {name: statistics.fmean(v) for name, v in scores.items()}
 
 
 def measure_ms(nets: dict[str, torch.nn.Module], space: SearchSpace, repeats: int = 20) -> dict:
@@ -239,19 +319,33 @@ def distill(
     progress: bool = True,
     arch: Architecture | None = None,
     folder: str | Path | None = None,
+    workers: int = 1,
+    ray_address: str | None = None,
+    use_gpu: bool | None = None,
 ) -> dict:
     """Distil the found network of `run` (a finished search); return metrics.json's content.
 
     `config` default: the run's experiment file's `distill:` section. `teacher`: a diffusers
     UNet folder (default: the full network of the run's supernet). `arch`: another
     architecture of the space to distil from the same supernet instead (e.g. a hand design to
-    compare with), written to `folder` (default RUN/distilled/)."""
+    compare with), written to `folder` (default RUN/distilled/). `workers` > 1 or a
+    `ray_address` trains data-parallel on Ray Train (`nas.train_ray`, DDP; `use_gpu` as
+    `diffnas train --gpus`); scoring stays in this process, on `config.device`."""
     from .experiment import Experiment
-    from .search import experiment_space, open_world
+    from .search import experiment_space, make_evaluator, open_world
+    from .train_ray import check_resume, check_train_args
 
     run = Path(run)
     check_finished(run)
+    check_train_args(workers, ray_address, use_gpu)
+    on_ray = workers > 1 or ray_address is not None
     exp = Experiment.model_validate(yaml.safe_load((run / "experiment.yaml").read_text()))
+    if on_ray and exp.world.kind != "tiny":
+        raise UserError(
+            f"distillation on Ray Train ships the tiny world's text encoder to its workers; "
+            f"this run's world is {exp.world.kind!r}: distil it in one process (--workers 1, "
+            "--device cuda on a GPU)"
+        )
     config = config or exp.distill
     folder = Path(folder) if folder is not None else run / DISTILLED_DIR
     supernet = ElasticUNet.from_pretrained(run / "final")
@@ -260,6 +354,10 @@ def distill(
     space.validate(arch)
     external = load_teacher(teacher, space) if teacher is not None else None  # before writing
     _prepare(folder, resume, force)
+    # a checkpoint to continue (a run stopped while scoring has none: it starts at step 0)
+    resume_training = resume and check_resume(
+        folder / "train", on_ray, folder, "start over with --force"
+    )
     t0 = time.perf_counter()
 
     world = open_world(exp, experiment_space(exp), progress)
@@ -270,17 +368,21 @@ def distill(
     student = to_standalone(supernet, arch)
     device = torch.device(config.device)
     evaluators = {
-        name: Evaluator(supernet, world.clip, p, world.encode_text, world.uncond(), world.decode)
+        name: make_evaluator(exp, world, p, supernet)
         for name, p in protocols(exp, world, config).items()
     }
     for module in (student, teacher_net, *evaluators.values()):
         module.to(device)
 
     before_file = folder / "before.json"
-    if before_file.is_file():  # a resumed run scored these already
-        before = json.loads(before_file.read_text())
-    else:
-        before = {"student": _clip(evaluators, student), "teacher": _clip(evaluators, teacher_net)}
+    before = json.loads(before_file.read_text()) if before_file.is_file() else None
+    # a resumed run scored these already (a run from before each image's score was kept: again)
+    if before is None or "images" not in before:
+        images = {
+            "student": _scores(evaluators, student),
+            "teacher": _scores(evaluators, teacher_net),
+        }
+        before = {k: _means(v) for k, v in images.items()} | {"images": images}
         before_file.write_text(json.dumps(before, indent=2) + "\n")
 
     seed = exp.seed if config.seed is None else config.seed
@@ -295,21 +397,40 @@ def distill(
         seed=seed,
         device=config.device,
     )
-    result = train(
-        student,
-        world.dataset(WORLD_ITEMS, seed),
-        train_config,
-        out_dir=folder / "train",
-        resume=resume and (folder / "train" / "checkpoint").is_dir(),
-        encode=world.encode_batch,
-        progress=progress,
-        uncond=world.uncond()[0],
-        objective=Distillation(student, teacher_net, config),
-    )
+    data = world.dataset(WORLD_ITEMS, seed)
+    if on_ray:
+        from .train_ray import WorldEncoder, _pack, train_ray
+
+        result = train_ray(
+            student,
+            data,
+            train_config,
+            folder / "train",
+            workers=workers,
+            resume=resume_training,
+            encode=WorldEncoder(world.clip),
+            uncond=world.uncond()[0],
+            ray_address=ray_address,
+            use_gpu=use_gpu,
+            objective=DistillationJob(_pack(teacher_net), config),
+        )
+    else:
+        result = train(
+            student,
+            data,
+            train_config,
+            out_dir=folder / "train",
+            resume=resume_training,
+            encode=world.encode_batch,
+            progress=progress,
+            uncond=world.uncond()[0],
+            objective=Distillation(student, teacher_net, config),
+        )
     if result.ema is not None:
         result.ema.copy_to(student.parameters())
     student.eval()
-    after = _clip(evaluators, student)
+    after_images = _scores(evaluators, student)
+    after = _means(after_images)
     student.save_pretrained(folder / "unet")
     from .evolve import save_grid
 
@@ -326,6 +447,8 @@ def distill(
                 "architecture_hash": arch.hash,
                 "architecture": arch.to_dict(),
                 "train": result.config.__dict__,
+                "workers": workers,
+                "ray_address": ray_address,
                 "protocols": {
                     n: {k: v for k, v in e.protocol.__dict__.items() if k != "prompts"}
                     | {"prompts": len(e.protocol.prompts)}
@@ -344,6 +467,13 @@ def distill(
         "losses": result.losses,
         "terms": result.terms,
         "clip": {"before": before["student"], "after": after, "teacher": before["teacher"]},
+        # each image's CLIP, per protocol (the same prompts and noises for all three): paired
+        # differences, hence standard errors of the ratios to the teacher
+        "clip_images": {
+            "before": before.get("images", {}).get("student"),
+            "after": after_images,
+            "teacher": before.get("images", {}).get("teacher"),
+        },
         "params": {
             "student": sum(p.numel() for p in student.parameters()),
             "teacher": sum(p.numel() for p in teacher_net.parameters()),
@@ -361,8 +491,10 @@ def distill(
 __all__ = [
     "DISTILLED_DIR",
     "Distillation",
+    "DistillationJob",
     "distill",
     "feature_points",
     "load_distilled",
     "load_teacher",
+    "matched_points",
 ]

@@ -626,8 +626,9 @@ def train(
             batch_loss = loss.detach()
             skipped = model.last_skipped if elastic else []
             if parallel is not None and parallel.world_size > 1:
-                # the mean of equal shards' means: the whole batch's loss
+                # the mean of equal shards' means: the whole batch's loss (and terms)
                 batch_loss = _batch_loss_over_workers(batch_loss, skipped)
+                parts = _mean_over_workers(parts)
 
             optimizer.zero_grad(set_to_none=True)  # skipped blocks get no grad, no update
             scaler.scale(loss).backward()
@@ -703,6 +704,17 @@ def _loss(pred, target, t, scheduler: DDPMScheduler, config: TrainConfig) -> tor
     weight = weight / snr if config.prediction_type == "epsilon" else weight / (snr + 1)
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     return (per_sample * weight).mean()
+
+
+def _mean_over_workers(parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each term of the objective averaged over the workers (their shards are equal)."""
+    if not parts:
+        return parts
+    values = torch.stack([torch.as_tensor(v).detach().double().cpu() for v in parts.values()])
+    if dist.get_backend() == "nccl":  # NCCL reduces CUDA tensors only
+        values = values.cuda()
+    dist.all_reduce(values)
+    return dict(zip(parts, (values / dist.get_world_size()).cpu(), strict=True))
 
 
 def _batch_loss_over_workers(loss: torch.Tensor, skipped: list[tuple[str, int]]) -> torch.Tensor:
