@@ -14,6 +14,7 @@ import typer
 
 from latency.cli import app as latency_app
 from latency.cli import register_validate
+from nas.cli_options import GPUS, RAY_ADDRESS, WORKERS
 from nas.deploy.cli import register as register_deploy
 from nas.worlds.cli import WORLD_CONFIG_HELP, open_tiny_world
 from nas.worlds.cli import register as register_world
@@ -288,12 +289,8 @@ def train_cmd(
     ),
     world_config: Path = typer.Option(None, "--world-config", help=WORLD_CONFIG_HELP),
     steps: int = typer.Option(..., "--steps", help="Robust-training steps."),
-    workers: int = typer.Option(
-        1, "--workers", help="Data-parallel workers on Ray Train (1: in this process, no Ray)."
-    ),
-    ray_address: str = typer.Option(
-        None, "--ray-address", help="Join this Ray cluster (HOST:PORT) instead of a local one."
-    ),
+    workers: int = WORKERS,
+    ray_address: str = RAY_ADDRESS,
     batch_size: int = typer.Option(
         None, "--batch-size", help="Samples per step, split over the workers (default: config's)."
     ),
@@ -307,9 +304,7 @@ def train_cmd(
     snr_gamma: float = typer.Option(
         None, "--snr-gamma", help="Min-SNR loss weighting, e.g. 5 (default: plain MSE)."
     ),
-    gpus: bool = typer.Option(
-        None, "--gpus/--no-gpus", help="One GPU per worker (default: if there is one each)."
-    ),
+    gpus: bool = GPUS,
     out: Path = typer.Option(
         None, "--out", help="Folder for the trained supernet (default: runs/<name>-supernet)."
     ),

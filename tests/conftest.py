@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import textwrap
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,6 +21,28 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+MINI_EXPERIMENT = {  # the miniature tiny world, its test latency table, a target of 0.8x
+    "name": "mini",
+    "space": "tiny",
+    "world": {"kind": "tiny", "miniature": True},
+    "latency": {"device": "cpu-test", "repeats": 1},
+    "target": {"ratio": 0.8},
+    "seed": 0,
+}
+
+
+@pytest.fixture(scope="session")
+def mini_experiment() -> Callable[..., dict]:
+    """`mini_experiment(search={...}, evaluation={...}, ...)`: an experiment (a dict, as an
+    experiment file holds it) on the miniature tiny world; each keyword replaces that whole
+    section of `MINI_EXPERIMENT`."""
+
+    def make(**sections) -> dict:
+        return {**copy.deepcopy(MINI_EXPERIMENT), **copy.deepcopy(sections)}
+
+    return make
 
 
 @pytest.fixture(scope="session")

@@ -16,26 +16,28 @@ from nas.distill_config import DistillConfig
 from nas.experiment import load_experiment
 from nas.search.run import run_search
 from nas.supernet import ElasticUNet
-from search_spaces import Architecture
+from nas.training.distillation import Distillation, feature_points, matched_points
+from search_spaces import Architecture, UserError, load_space
 
-EXPERIMENT = {
-    "name": "mini",
-    "space": "tiny",
-    "world": {"kind": "tiny", "miniature": True},
-    "latency": {"device": "cpu-test", "repeats": 1},
-    "target": {"ratio": 0.8},
+SECTIONS = {
     "search": {"max_iterations": 1, "train_steps": 1, "batch_size": 4},
     "evaluation": {"prompts": 2, "steps": 2, "batch_size": 40},
     # 68 held-out prompts (the world has 70, the search scores 2), one noise each, 2 steps
-    "distill": {"steps": 3, "batch_size": 4, "checkpoint_every": 2, "held_out_seeds": 1},
-    "seed": 0,
+    "distill": {
+        "steps": 3,
+        "batch_size": 4,
+        "checkpoint_every": 2,
+        "held_out_seeds": 1,
+        "held_out_steps": 2,
+    },
 }
-EXPERIMENT["distill"]["held_out_steps"] = 2
+DISTILL = SECTIONS["distill"]
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, experiment_env):
-    with experiment_env(tmp_path_factory, "distill", EXPERIMENT) as (root, exp_file):
+def run(tmp_path_factory, experiment_env, mini_experiment):
+    experiment = mini_experiment(**SECTIONS)
+    with experiment_env(tmp_path_factory, "distill", experiment) as (root, exp_file):
         result = run_search(load_experiment(exp_file), runs=root / "runs", progress=False)
         distill(result.run_dir, progress=False)
         yield result.run_dir
@@ -54,8 +56,10 @@ def test_distilled_folder_and_metrics(run):
     assert set(metrics["terms"]) == {"task", "output_kd", "feature_kd"}
     for values in metrics["terms"].values():
         assert len(values) == 3 and all(v > 0 for v in values)
-    # the total is the weighted sum of the terms (all weights 1 by default)
-    total = [sum(v[i] for v in metrics["terms"].values()) for i in range(3)]
+    # the total is the weighted sum of the terms (the default weights)
+    c = DistillConfig()
+    weights = {"task": c.task_weight, "output_kd": c.output_weight, "feature_kd": c.feature_weight}
+    total = [sum(weights[k] * v[i] for k, v in metrics["terms"].items()) for i in range(3)]
     assert metrics["losses"] == pytest.approx(total, rel=1e-5)
     clip = metrics["clip"]
     assert set(clip) == {"before", "after", "teacher"}
@@ -70,6 +74,12 @@ def test_distilled_folder_and_metrics(run):
     assert (folder / "grid_distilled.png").is_file()
     config = json.loads((folder / "config.json").read_text())
     assert config["protocols"]["held_out"]["prompts"] == 68
+    # each image's score too, whose means are the scores above
+    images = metrics["clip_images"]
+    assert len(images["after"]["held_out"]) == 68 and len(images["teacher"]["search"]) == 2
+    for key in ("before", "after", "teacher"):
+        for name, scores in images[key].items():
+            assert sum(scores) / len(scores) == pytest.approx(clip[key][name], abs=1e-6)
 
 
 def test_student_has_its_own_trained_weights(run):
@@ -84,23 +94,126 @@ def test_student_has_its_own_trained_weights(run):
 
 def test_resume_continues_to_more_steps_as_an_uninterrupted_run(run, tmp_path):
     first = json.loads((run / DISTILLED_DIR / "metrics.json").read_text())
-    longer = distill(run, DistillConfig(**{**EXPERIMENT["distill"], "steps": 5}), resume=True)
+    longer = distill(run, DistillConfig(**{**DISTILL, "steps": 5}), resume=True)
     assert longer["losses"][:3] == pytest.approx(first["losses"], rel=1e-6)
     # a teacher folder holding the same weights as the run's full network: the same run again
     teacher = tmp_path / "teacher"
     ElasticUNet.from_pretrained(run / "final").unet.save_pretrained(teacher)
-    config = DistillConfig(**{**EXPERIMENT["distill"], "steps": 5})
+    config = DistillConfig(**{**DISTILL, "steps": 5})
     again = distill(run, config, teacher=teacher, force=True, progress=False)
     assert again["losses"] == pytest.approx(longer["losses"], rel=1e-4)
     assert again["clip"]["teacher"] == pytest.approx(longer["clip"]["teacher"], abs=1e-3)
 
 
+def test_two_ray_workers_resumed_from_a_ray_checkpoint_match_one_process(run, tmp_path):
+    """`distill(workers=2)`: DDP on a local two-CPU Ray instance, each worker with half of
+    every batch and its own frozen copy of the teacher; stopped after two steps and resumed
+    from Ray Train's checkpoint, it trains as one process with the whole batch does (losses and
+    each term to float32 reduction order; weights to 1e-3 of the training update, as
+    tests/test_train_ray.py explains)."""
+    import ray
+
+    config = DistillConfig(**DISTILL)  # 3 steps of 4 samples, a checkpoint every 2
+    one = distill(run, config, folder=tmp_path / "one", progress=False)
+    two_dir = tmp_path / "two"
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2)
+    try:
+        first = distill(run, config.with_overrides(steps=2), folder=two_dir, workers=2)
+        two = distill(run, config, folder=two_dir, workers=2, resume=True)
+    finally:
+        ray.shutdown()
+    assert (two_dir / "train" / "checkpoint_00000002").is_dir()  # continued, not retrained
+    assert two["losses"][:2] == first["losses"] and len(two["losses"]) == 3
+    assert two["losses"] == pytest.approx(one["losses"], rel=1e-5, abs=0)
+    for name, values in one["terms"].items():  # each term of the whole batch, not a shard's
+        assert two["terms"][name] == pytest.approx(values, rel=1e-5, abs=0)
+    arch = Architecture.load(run / "final.arch.json")
+    start = _flat(to_standalone(ElasticUNet.from_pretrained(run / "final"), arch))
+    trained = [_flat(load_distilled_folder(tmp_path / name)) for name in ("one", "two")]
+    assert float((trained[1] - trained[0]).norm() / (trained[0] - start).norm()) < 1e-3
+    saved = json.loads((two_dir / "config.json").read_text())
+    assert saved["workers"] == 2
+    # a distillation trained in one process is resumed in one process only
+    with pytest.raises(UserError, match="trained in one process"):
+        longer = config.with_overrides(steps=4)
+        distill(run, longer, folder=tmp_path / "one", workers=2, resume=True)
+
+
+def _flat(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def load_distilled_folder(folder: Path) -> torch.nn.Module:
+    from nas.searched_unet import SearchedUNet2DConditionModel
+
+    return SearchedUNet2DConditionModel.from_pretrained(folder / "unet")
+
+
 def test_ablation_task_only_does_not_run_the_teacher(run):
-    config = DistillConfig(**{**EXPERIMENT["distill"], "steps": 1})
+    config = DistillConfig(**{**DISTILL, "steps": 1})
     config = config.with_overrides(output_weight=0.0, feature_weight=0.0)
     metrics = distill(run, config, force=True, progress=False)
     assert metrics["terms"]["output_kd"] == [0.0] and metrics["terms"]["feature_kd"] == [0.0]
     assert metrics["losses"] == pytest.approx(metrics["terms"]["task"])
+
+
+# -- the feature term ---------------------------------------------------------------------------
+
+# the tiny space's down block 2 and mid block lose every ResNet and attention; down block 0
+# loses its attention only
+EMPTIED = {
+    "down_blocks.0.attentions.0": 0,
+    "down_blocks.2.resnets.0": 0,
+    "mid_block.resnets.0": 0,
+    "mid_block.attentions.0": 0,
+    "mid_block.resnets.1": 0,
+}
+
+
+def _student_and_teacher():
+    space = load_space("tiny")
+    torch.manual_seed(0)
+    supernet = ElasticUNet(space).eval()
+    arch = Architecture(space.name, {**space.original().multiplicity, **EMPTIED})
+    return space, supernet, arch, to_standalone(supernet, arch)
+
+
+def test_feature_kd_leaves_out_the_blocks_the_student_computes_nothing_in():
+    space, supernet, arch, student = _student_and_teacher()
+    everything = list(feature_points(student))
+    assert everything == [
+        *(f"down_blocks.{i}" for i in range(3)),
+        "mid_block",
+        *(f"up_blocks.{i}" for i in range(3)),
+    ]
+    left_out = {"down_blocks.2", "mid_block"}
+    assert matched_points(student) == [p for p in everything if p not in left_out]
+    supernet.set_architecture(arch)  # an ElasticUNet running the same architecture agrees
+    assert matched_points(supernet) == matched_points(student)
+    supernet.set_architecture(space.original())
+    assert matched_points(supernet) == everything  # the teacher: nothing removed
+    objective = Distillation(student, supernet, DistillConfig())
+    assert objective.points == matched_points(student)
+
+
+def test_relative_feature_loss_is_scale_free_and_mse_is_bksdms_sum():
+    _, supernet, _, student = _student_and_teacher()
+    g = torch.Generator().manual_seed(0)
+    s = [torch.randn(2, 4, 8, 8, generator=g) for _ in range(3)]
+    t = [torch.randn(2, 4, 8, 8, generator=g) for _ in range(3)]
+    relative = Distillation(student, supernet, DistillConfig(feature_loss="relative"))
+
+    def relative_error(a, b):  # per sample, then the mean over the samples
+        return (((a - b) ** 2).mean(dim=(1, 2, 3)) / (b**2).mean(dim=(1, 2, 3))).mean()
+
+    expected = sum(relative_error(a, b) for a, b in zip(s, t, strict=True)) / 3
+    assert relative.feature_kd(s, t) == pytest.approx(float(expected), rel=1e-5)
+    scaled = relative.feature_kd([21 * a for a in s], [21 * b for b in t])
+    assert scaled == pytest.approx(float(expected), rel=1e-5)  # a block's scale does not count
+    mse = Distillation(student, supernet, DistillConfig(feature_loss="mse"))
+    plain = sum(float(((a - b) ** 2).mean()) for a, b in zip(s, t, strict=True))
+    assert mse.feature_kd(s, t) == pytest.approx(plain, rel=1e-5)
+    assert relative.feature_kd([], []) is None  # no block left to match: no term
 
 
 # -- export ------------------------------------------------------------------------------------
@@ -115,7 +228,7 @@ def test_export_diffusers_found_and_distilled(run, capsys):
         info = json.loads((folder / "export.json").read_text())
         assert info["network"] == name and "config.json" in {p.name for p in folder.iterdir()}
     distilled, _, _ = load_distilled(run)
-    from nas.deploy.searched_unet import SearchedUNet2DConditionModel
+    from nas.searched_unet import SearchedUNet2DConditionModel
 
     exported_cls = (
         UNet2DConditionModel
@@ -152,6 +265,7 @@ def test_bad_input(run, tmp_path, capsys):
     cases = [
         (["distill", str(unfinished)], "no finished search"),
         (["distill", str(run), "--steps", "0"], "distill.steps"),
+        (["distill", str(run), "--workers", "0"], "give at least 1 worker"),
         (["distill", str(run)], "--resume"),  # distilled/ exists
         (["distill", str(run), "--resume", "--force"], "not both"),
         (["export", str(unfinished)], "no finished search"),

@@ -16,23 +16,18 @@ from nas.search.optuna import RUN_FILE, run_optuna
 from nas.search.run import run_search
 from search_spaces import Architecture, UserError, load_space
 
-EXPERIMENT = {
-    "name": "mini",
-    "space": "tiny",
-    "world": {"kind": "tiny", "miniature": True},
-    "latency": {"device": "cpu-test", "repeats": 1},
-    "target": {"ratio": 0.8},
+SECTIONS = {
     "search": {"max_iterations": 1, "train_steps": 0, "batch_size": 2},
     # four prompts: the miniature world's CLIP scores some of them above zero, so the scores
     # differ between architectures
     "evaluation": {"prompts": 4, "steps": 2, "batch_size": 4},
-    "seed": 0,
 }
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory, experiment_env):
-    with experiment_env(tmp_path_factory, "optuna", EXPERIMENT) as (root, exp_file):
+def env(tmp_path_factory, experiment_env, mini_experiment):
+    experiment = mini_experiment(**SECTIONS)
+    with experiment_env(tmp_path_factory, "optuna", experiment) as (root, exp_file):
         yield root, exp_file, f"sqlite:///{root / 'study.db'}"
 
 

@@ -17,21 +17,20 @@ from nas.worlds.tiny import TinyWorldConfig
 from search_spaces import Architecture, UserError, load_space
 
 FIDELITY = Path(__file__).parents[1] / "experiments" / "benchmarks" / "search_fidelity.py"
-EXPERIMENT = {
-    "name": "mini",
-    "space": "tiny",
-    "world": {"kind": "tiny", "miniature": True},
-    "latency": {"device": "cpu-test", "repeats": 1},
-    "target": {"ratio": 0.8},
+SECTIONS = {
     "search": {"max_iterations": 2, "train_steps": 1, "batch_size": 4, "group_size": 2},
     "evaluation": {"prompts": 2, "steps": 2, "batch_size": 4},
-    "seed": 0,
 }
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory, experiment_env):
-    with experiment_env(tmp_path_factory, "search", EXPERIMENT) as (root, exp_file):
+def experiment(mini_experiment) -> dict:
+    return mini_experiment(**SECTIONS)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, experiment_env, experiment):
+    with experiment_env(tmp_path_factory, "search", experiment) as (root, exp_file):
         yield root, exp_file
 
 
@@ -128,7 +127,7 @@ def test_bad_input_is_refused_and_nothing_is_overwritten(env, uninterrupted):
         run_search(unknown, runs=root / "runs", name="unknown", progress=False)
 
 
-def test_world_config_names_another_tiny_world(env, uninterrupted):
+def test_world_config_names_another_tiny_world(env, uninterrupted, experiment):
     root, exp_file = env
     config = {**asdict(TinyWorldConfig.miniature()), "unet_steps": 3}
     (root / "world.json").write_text(json.dumps(config))
@@ -137,12 +136,12 @@ def test_world_config_names_another_tiny_world(env, uninterrupted):
     world = open_world(exp, load_space("tiny"), progress=False)
     assert world.config == TinyWorldConfig(**config)
 
-    both = {**EXPERIMENT, "world": {"kind": "tiny", "miniature": True, "world_config": "w.json"}}
+    both = {**experiment, "world": {"kind": "tiny", "miniature": True, "world_config": "w.json"}}
     with pytest.raises(ValidationError, match="give miniature or world_config, not both"):
         Experiment.model_validate(both)
     sd = {"kind": "stable_diffusion", "pipeline": "p", "captions": "c", "clip_weights": "w"}
     with pytest.raises(ValidationError, match="world_config: only for kind tiny"):
-        Experiment.model_validate({**EXPERIMENT, "world": {**sd, "world_config": "w.json"}})
+        Experiment.model_validate({**experiment, "world": {**sd, "world_config": "w.json"}})
 
 
 def test_too_many_evaluation_prompts_are_refused(env, uninterrupted):

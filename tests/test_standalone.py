@@ -17,8 +17,8 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from nas.deploy.searched_unet import SearchedUNet2DConditionModel
 from nas.deploy.standalone import plain_config, to_plain, to_standalone
+from nas.searched_unet import SearchedUNet2DConditionModel
 from nas.supernet import ElasticUNet
 from search_spaces import Architecture, SearchSpace, load_space
 

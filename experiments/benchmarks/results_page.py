@@ -182,6 +182,19 @@ def _anchor(area: str) -> str:
     return re.sub(r"[^a-z0-9 -]", "", area.lower()).strip().replace(" ", "-")
 
 
+def _short(command: str, width: int = 70) -> str:
+    """A command for the README's narrow table: whole up to `width` characters, else its
+    script and the first options that fit, then "…" (the results page gives it whole)."""
+    if len(command) <= width:
+        return command
+    kept = ""
+    for word in command.split(" "):
+        if len(kept) + len(word) + 1 > width - 2:
+            break
+        kept = f"{kept} {word}".strip()
+    return f"{kept} …"
+
+
 def render_readme_table(
     rows: list[Row] = ROWS, results: Path = RESULTS, page: str = "docs/results.md"
 ) -> str:
@@ -199,7 +212,7 @@ def render_readme_table(
         else:
             verdict = _verdict(row, d)
             result = _value(row, d) + (f" ({verdict})" if verdict else "")
-            command = f"`{_command(d, summary.get(row.file))}`"
+            command = f"`{_short(_command(d, summary.get(row.file)))}`"
         out.append(f"| {_cell(row.what)} ({link}) | {_cell(result)} | {_cell(command)} |")
     return "\n".join(out) + "\n"
 

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from nas.cli_options import GPUS, RAY_ADDRESS, WORKERS
+
 
 def distill_cmd(
     run: Path = typer.Argument(..., help="A finished search's run directory (runs/<name>)."),
@@ -20,11 +22,14 @@ def distill_cmd(
     output_weight: float = typer.Option(None, "--output-weight", help="Weight of output KD."),
     feature_weight: float = typer.Option(None, "--feature-weight", help="Weight of feature KD."),
     device: str = typer.Option(None, "--device", help="torch device (cpu, cuda, ...)."),
+    workers: int = WORKERS,
+    ray_address: str = RAY_ADDRESS,
+    gpus: bool = GPUS,
     resume: bool = typer.Option(False, "--resume", help="Continue RUN/distilled/."),
     force: bool = typer.Option(False, "--force", help="Delete RUN/distilled/ and start over."),
 ) -> None:
     """Train the found network from a frozen teacher (task + output KD + feature KD) into
-    RUN/distilled/ (docs/distill.md)."""
+    RUN/distilled/ (docs/distill.md); DDP on Ray Train with --workers N."""
     import yaml
 
     from nas.distill_config import DistillConfig
@@ -36,11 +41,20 @@ def distill_cmd(
     )
     DistillConfig().with_overrides(**overrides)  # bad flags fail before anything loads
     from nas.deploy.distill import check_finished, distill
+    from nas.training.ray import check_train_args
 
     check_finished(run)
+    check_train_args(workers, ray_address, gpus)
     exp = Experiment.model_validate(yaml.safe_load((run / "experiment.yaml").read_text()))
     metrics = distill(
-        run, exp.distill.with_overrides(**overrides), teacher=teacher, resume=resume, force=force
+        run,
+        exp.distill.with_overrides(**overrides),
+        teacher=teacher,
+        resume=resume,
+        force=force,
+        workers=workers,
+        ray_address=ray_address,
+        use_gpu=gpus,
     )
     clip = metrics["clip"]
     for name in clip["after"]:

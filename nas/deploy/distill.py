@@ -7,23 +7,33 @@ same supernet, or a diffusers UNet folder of the space's base network (`teacher=
 
 Training is the loop of robust training (`nas.training.robust.train`: the world's data, noise
 schedule, timesteps, CFG dropout, AdamW, diffusers LR schedules, EMA, checkpoints, resume,
-progress bar) with another objective, `Distillation` (BK-SDM, Kim et al. 2023):
+progress bar) with another objective, `Distillation` (after BK-SDM, Kim et al. 2023):
 
     task        the denoising loss against the data, as robust training computes it
     output KD   MSE(student prediction, teacher prediction), same noisy input, timestep, text
-    feature KD  sum over the UNet's down blocks, mid block and up blocks of
-                MSE(student's output of that block, teacher's output of the same block)
+    feature KD  over the matched blocks (below), by default the mean of each block's relative
+                error: per sample, MSE(student's output, teacher's output) / mean(teacher's
+                output^2), averaged over the samples; `feature_loss: mse` sums the plain MSEs
+                instead, as BK-SDM does
 
-Feature points are diffusers' top-level blocks, which every architecture of a space keeps:
-a removal replaces a ResNet or attention inside a block, never the block itself (its
-down/up-sampler stays). A block whose ResNets and attentions are all removed still has an
-output, its input (resampled if it resamples), and it is matched to the teacher's output of
-that block: the student is asked to produce there what the teacher's blocks produced, so the
-blocks before it learn to stand in for the removed ones.
+Feature points are diffusers' top-level blocks (down blocks, mid block, up blocks), which every
+architecture of a space keeps: a removal replaces a ResNet or attention inside a block, never
+the block itself (its down/up-sampler stays). A block whose ResNets and attentions are all
+removed is not matched: its output is its input (resampled, if it resamples), a tensor the
+previous block already produced, and matching it to the teacher's output of the removed blocks
+would ask one tensor to equal two different teacher tensors (BK-SDM likewise leaves the stages
+it removes out of its feature loss). Why relative errors: a block's output is not on the scale
+of the loss (on the tiny world the last up block's teacher output has a mean square of 21, the
+denoising target's is 1), so plain MSEs let the one or two largest blocks outweigh the task;
+the relative error is scale-free, and its mean does not grow with the number of blocks.
+
+With `workers` > 1 or a Ray address the same loop runs data-parallel on Ray Train
+(`nas.training.ray`, DDP, as `diffnas train`): each worker gets the student and the teacher as
+their configs and weights (`DistillationJob`) and trains on its share of every batch.
 
 RUN_DIR/distilled/: unet/ (the student, a standalone folder), config.json, metrics.json
 (written last: it marks a finished distillation), grid_distilled.png, before.json and train/
-(the loop's checkpoint, for --resume).
+(the loop's checkpoint, or Ray Train's checkpoint_<step>/ folders, for --resume).
 """
 
 from __future__ import annotations
@@ -32,90 +42,24 @@ import json
 import shutil
 import statistics
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import yaml
 from diffusers import UNet2DConditionModel
 
-from nas.deploy.searched_unet import SearchedUNet2DConditionModel
 from nas.deploy.standalone import to_standalone
 from nas.distill_config import DistillConfig
 from nas.search.evaluate import Evaluator, Protocol
+from nas.searched_unet import SearchedUNet2DConditionModel
 from nas.supernet import ElasticUNet, check_weights_fit
-from nas.training.robust import Objective, _loss, train
+from nas.training.distillation import Distillation, DistillationJob, feature_points, matched_points
+from nas.training.robust import train
 from search_spaces import Architecture, SearchSpace, UserError
 
 DISTILLED_DIR = "distilled"
 WORLD_ITEMS = 2**20  # training scenes, drawn when read (as `diffnas train`)
 GRID = 16  # images in grid_distilled.png: the first of the search protocol, as grid_found.png
-
-
-def feature_points(unet: torch.nn.Module) -> list[torch.nn.Module]:
-    """The modules whose outputs feature KD compares: down blocks, mid block, up blocks."""
-    unet = unet.unet if isinstance(unet, ElasticUNet) else unet
-    mids = [unet.mid_block] if unet.mid_block is not None else []
-    return [*unet.down_blocks, *mids, *unet.up_blocks]
-
-
-@contextmanager
-def _capture(modules: list[torch.nn.Module]):
-    """Collect each module's output (a down block's hidden state, not its skips) in order."""
-    outputs: list[torch.Tensor] = []
-
-    def hook(module, args, output):
-        outputs.append(output[0] if isinstance(output, tuple) else output)
-
-    handles = [m.register_forward_hook(hook) for m in modules]
-    try:
-        yield outputs
-    finally:
-        for h in handles:
-            h.remove()
-
-
-class Distillation(Objective):
-    """The distillation loss of one step (see the module docstring)."""
-
-    name = "distillation"
-
-    def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module, config: DistillConfig):
-        self.teacher = teacher.eval().requires_grad_(False)
-        self.config = config
-        self.student_points = feature_points(student)
-        self.teacher_points = feature_points(teacher)
-        if len(self.student_points) != len(self.teacher_points):
-            raise UserError(
-                f"the teacher has {len(self.teacher_points)} down/mid/up blocks and the student "
-                f"{len(self.student_points)}: feature KD needs the same UNet topology"
-            )
-
-    def __call__(self, runner, noisy, t, cond, target, scheduler, config):
-        c = self.config
-        features = c.feature_weight > 0
-        with _capture(self.student_points if features else []) as student_feats:
-            pred = runner(noisy, t, encoder_hidden_states=cond).sample
-        task = _loss(pred, target, t, scheduler, config)
-        zero = task.new_zeros(())
-        out_kd = feat_kd = zero
-        if c.output_weight > 0 or features:  # task only: the teacher is not run at all
-            with (
-                torch.no_grad(),
-                _capture(self.teacher_points if features else []) as teacher_feats,
-            ):
-                teacher_pred = self.teacher(noisy, t, encoder_hidden_states=cond).sample
-            out_kd = F.mse_loss(pred.float(), teacher_pred.float())
-            for s, te in zip(student_feats, teacher_feats, strict=True):
-                feat_kd = feat_kd + F.mse_loss(s.float(), te.float())
-        total = c.task_weight * task + c.output_weight * out_kd + c.feature_weight * feat_kd
-        terms = {
-            "task": task.detach(),
-            "output_kd": out_kd.detach(),
-            "feature_kd": feat_kd.detach(),
-        }
-        return total, terms
 
 
 # -- teacher, run directory ----------------------------------------------------------------------
@@ -188,21 +132,24 @@ def _prepare(folder: Path, resume: bool, force: bool) -> None:
 
 def protocols(exp, world, config: DistillConfig) -> dict[str, Protocol]:
     """The search's protocol, and a held-out one on the validation prompts it did not use."""
-    from nas.search.run import held_out_prompts, search_prompts
+    from nas.search.run import evaluation_protocol, held_out_prompts
 
-    e = exp.evaluation
-    common = {"cfg": e.cfg, "batch_size": e.batch_size, "seed": exp.seed, "precision": e.precision}
-    out = {
-        "search": Protocol(search_prompts(exp, world), e.seeds, e.steps, **common),
-    }
+    out = {"search": evaluation_protocol(exp, world)}
     held_out = held_out_prompts(exp, world)  # after the search's: no prompt in common
     if held_out:
-        out["held_out"] = Protocol(held_out, config.held_out_seeds, config.held_out_steps, **common)
+        out["held_out"] = evaluation_protocol(
+            exp, world, held_out, config.held_out_seeds, config.held_out_steps
+        )
     return out
 
 
-def _clip(evaluators: dict[str, Evaluator], net: torch.nn.Module) -> dict[str, float]:
-    return {name: float(ev.model_scores(net).mean()) for name, ev in evaluators.items()}
+def _scores(evaluators: dict[str, Evaluator], net: torch.nn.Module) -> dict[str, list[float]]:
+    """CLIP of each image, per protocol (same prompts and noises for every network)."""
+    return {name: ev.model_scores(net).tolist() for name, ev in evaluators.items()}
+
+
+def _means(scores: dict[str, list[float]]) -> dict[str, float]:
+    return {name: statistics.fmean(v) for name, v in scores.items()}
 
 
 def measure_ms(nets: dict[str, torch.nn.Module], space: SearchSpace, repeats: int = 20) -> dict:
@@ -238,19 +185,33 @@ def distill(
     progress: bool = True,
     arch: Architecture | None = None,
     folder: str | Path | None = None,
+    workers: int = 1,
+    ray_address: str | None = None,
+    use_gpu: bool | None = None,
 ) -> dict:
     """Distil the found network of `run` (a finished search); return metrics.json's content.
 
     `config` default: the run's experiment file's `distill:` section. `teacher`: a diffusers
     UNet folder (default: the full network of the run's supernet). `arch`: another
     architecture of the space to distil from the same supernet instead (e.g. a hand design to
-    compare with), written to `folder` (default RUN/distilled/)."""
+    compare with), written to `folder` (default RUN/distilled/). `workers` > 1 or a
+    `ray_address` trains data-parallel on Ray Train (`nas.training.ray`, DDP; `use_gpu` as
+    `diffnas train --gpus`); scoring stays in this process, on `config.device`."""
     from nas.experiment import Experiment
-    from nas.search.run import experiment_space, open_world
+    from nas.search.run import experiment_space, make_evaluator, open_world
+    from nas.training.ray import check_resume, check_train_args
 
     run = Path(run)
     check_finished(run)
+    check_train_args(workers, ray_address, use_gpu)
+    on_ray = workers > 1 or ray_address is not None
     exp = Experiment.model_validate(yaml.safe_load((run / "experiment.yaml").read_text()))
+    if on_ray and exp.world.kind != "tiny":
+        raise UserError(
+            f"distillation on Ray Train ships the tiny world's text encoder to its workers; "
+            f"this run's world is {exp.world.kind!r}: distil it in one process (--workers 1, "
+            "--device cuda on a GPU)"
+        )
     config = config or exp.distill
     folder = Path(folder) if folder is not None else run / DISTILLED_DIR
     supernet = ElasticUNet.from_pretrained(run / "final")
@@ -259,6 +220,10 @@ def distill(
     space.validate(arch)
     external = load_teacher(teacher, space) if teacher is not None else None  # before writing
     _prepare(folder, resume, force)
+    # a checkpoint to continue (a run stopped while scoring has none: it starts at step 0)
+    resume_training = resume and check_resume(
+        folder / "train", on_ray, folder, "start over with --force"
+    )
     t0 = time.perf_counter()
 
     world = open_world(exp, experiment_space(exp), progress)
@@ -269,17 +234,21 @@ def distill(
     student = to_standalone(supernet, arch)
     device = torch.device(config.device)
     evaluators = {
-        name: Evaluator(supernet, world.clip, p, world.encode_text, world.uncond(), world.decode)
+        name: make_evaluator(exp, world, p, supernet)
         for name, p in protocols(exp, world, config).items()
     }
     for module in (student, teacher_net, *evaluators.values()):
         module.to(device)
 
     before_file = folder / "before.json"
-    if before_file.is_file():  # a resumed run scored these already
-        before = json.loads(before_file.read_text())
-    else:
-        before = {"student": _clip(evaluators, student), "teacher": _clip(evaluators, teacher_net)}
+    before = json.loads(before_file.read_text()) if before_file.is_file() else None
+    # a resumed run scored these already (a run from before each image's score was kept: again)
+    if before is None or "images" not in before:
+        images = {
+            "student": _scores(evaluators, student),
+            "teacher": _scores(evaluators, teacher_net),
+        }
+        before = {k: _means(v) for k, v in images.items()} | {"images": images}
         before_file.write_text(json.dumps(before, indent=2) + "\n")
 
     seed = exp.seed if config.seed is None else config.seed
@@ -294,21 +263,40 @@ def distill(
         seed=seed,
         device=config.device,
     )
-    result = train(
-        student,
-        world.dataset(WORLD_ITEMS, seed),
-        train_config,
-        out_dir=folder / "train",
-        resume=resume and (folder / "train" / "checkpoint").is_dir(),
-        encode=world.encode_batch,
-        progress=progress,
-        uncond=world.uncond()[0],
-        objective=Distillation(student, teacher_net, config),
-    )
+    data = world.dataset(WORLD_ITEMS, seed)
+    if on_ray:
+        from nas.training.ray import WorldEncoder, _pack, train_ray
+
+        result = train_ray(
+            student,
+            data,
+            train_config,
+            folder / "train",
+            workers=workers,
+            resume=resume_training,
+            encode=WorldEncoder(world.clip),
+            uncond=world.uncond()[0],
+            ray_address=ray_address,
+            use_gpu=use_gpu,
+            objective=DistillationJob(_pack(teacher_net), config),
+        )
+    else:
+        result = train(
+            student,
+            data,
+            train_config,
+            out_dir=folder / "train",
+            resume=resume_training,
+            encode=world.encode_batch,
+            progress=progress,
+            uncond=world.uncond()[0],
+            objective=Distillation(student, teacher_net, config),
+        )
     if result.ema is not None:
         result.ema.copy_to(student.parameters())
     student.eval()
-    after = _clip(evaluators, student)
+    after_images = _scores(evaluators, student)
+    after = _means(after_images)
     student.save_pretrained(folder / "unet")
     from nas.search.evolve import save_grid
 
@@ -325,6 +313,8 @@ def distill(
                 "architecture_hash": arch.hash,
                 "architecture": arch.to_dict(),
                 "train": result.config.__dict__,
+                "workers": workers,
+                "ray_address": ray_address,
                 "protocols": {
                     n: {k: v for k, v in e.protocol.__dict__.items() if k != "prompts"}
                     | {"prompts": len(e.protocol.prompts)}
@@ -343,6 +333,13 @@ def distill(
         "losses": result.losses,
         "terms": result.terms,
         "clip": {"before": before["student"], "after": after, "teacher": before["teacher"]},
+        # each image's CLIP, per protocol (the same prompts and noises for all three): paired
+        # differences, hence standard errors of the ratios to the teacher
+        "clip_images": {
+            "before": before.get("images", {}).get("student"),
+            "after": after_images,
+            "teacher": before.get("images", {}).get("teacher"),
+        },
         "params": {
             "student": sum(p.numel() for p in student.parameters()),
             "teacher": sum(p.numel() for p in teacher_net.parameters()),
@@ -360,8 +357,10 @@ def distill(
 __all__ = [
     "DISTILLED_DIR",
     "Distillation",
+    "DistillationJob",
     "distill",
     "feature_points",
     "load_distilled",
     "load_teacher",
+    "matched_points",
 ]

@@ -1,7 +1,7 @@
 """The found network as a standalone model: its own weights, no supernet, no diffnas to load.
 
 `to_standalone(supernet, arch)` builds a `SearchedUNet2DConditionModel`
-(`nas/deploy/searched_unet.py`, a file that imports only torch, diffusers and safetensors):
+(`nas/searched_unet.py`, a file that imports only torch, diffusers and safetensors):
 removed blocks have no module and no weights left, copies are real modules with their
 weights. `diffnas export` (`nas.deploy.export`) writes it as
 
@@ -20,7 +20,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from torch import nn
 
-from nas.deploy.searched_unet import SearchedUNet2DConditionModel
+from nas.searched_unet import SearchedUNet2DConditionModel
 from nas.supernet import ElasticUNet
 from search_spaces import Architecture, SearchSpace
 

@@ -94,14 +94,21 @@ def held_out_prompts(exp: Experiment, world, n: int | None = None) -> list[str]:
     return rest if n is None else rest[:n]
 
 
-def make_evaluator(exp: Experiment, world) -> Evaluator:
-    """The experiment's action evaluator in `world` (its protocol: prompts, seeds, steps...)."""
+def evaluation_protocol(
+    exp: Experiment,
+    world,
+    prompts: list[str] | None = None,
+    seeds: int | None = None,
+    steps: int | None = None,
+) -> Protocol:
+    """The experiment's scoring protocol (`evaluation:`: prompts, seeds, steps, CFG, batch,
+    precision, the experiment's seed); `prompts`, `seeds`, `steps` replace the search's own
+    (a held-out protocol: `held_out_prompts`)."""
     e = exp.evaluation
-    prompts = search_prompts(exp, world)
-    protocol = Protocol(
-        prompts,
-        seeds=e.seeds,
-        steps=e.steps,
+    return Protocol(
+        search_prompts(exp, world) if prompts is None else prompts,
+        seeds=e.seeds if seeds is None else seeds,
+        steps=e.steps if steps is None else steps,
         cfg=e.cfg,
         batch_size=e.batch_size,
         seed=exp.seed,
@@ -110,8 +117,21 @@ def make_evaluator(exp: Experiment, world) -> Evaluator:
         metric=e.metric,
         timesteps=tuple(e.timesteps) if e.timesteps is not None else None,
     )
+
+
+def make_evaluator(
+    exp: Experiment, world, protocol: Protocol | None = None, supernet=None
+) -> Evaluator:
+    """An evaluator in `world`: the experiment's action evaluator by default (the search's
+    protocol, the world's supernet), or another `protocol` / `supernet` (e.g. a run's final
+    weights) with the world's CLIP, text encoder and decoder."""
     return Evaluator(
-        world.supernet, world.clip, protocol, world.encode_text, world.uncond(), world.decode
+        world.supernet if supernet is None else supernet,
+        world.clip,
+        evaluation_protocol(exp, world) if protocol is None else protocol,
+        world.encode_text,
+        world.uncond(),
+        world.decode,
     )
 
 

@@ -41,13 +41,14 @@ from nas.cluster import probe
 from nas.supernet import ElasticUNet, SkipConfig
 from nas.training.checkpoints import load_checkpoint, save_ema
 from nas.training.config import (
+    CHECKPOINT_DIR,
     EMA_DIR,
     STATE_NAME,
     Parallel,
     TrainConfig,
     TrainResult,
 )
-from nas.training.robust import make_ema, train
+from nas.training.robust import Objective, make_ema, train
 from search_spaces import Architecture, SearchSpace, UserError
 from search_spaces.spec import SpaceSpec
 
@@ -160,13 +161,17 @@ def train_ray(
     ray_address: str | None = None,
     use_gpu: bool | None = None,
     max_failures: int = 0,
+    objective: Callable[[torch.nn.Module, torch.device], Objective] | None = None,
 ) -> TrainResult:
     """`nas.training.robust.train(model, data, config, ...)` on `workers` Ray Train workers.
 
     `data`, `encode` and `uncond` go to the workers through Ray's object store (they must
-    pickle); the model goes as its weights and space. `out_dir` is the Ray Train run folder
-    (`checkpoint_<step>/` folders, and `ema/` with EMA); `resume=True` continues its latest
-    checkpoint. `max_failures`: times Ray restarts failed workers from the latest checkpoint.
+    pickle); the model goes as its weights and space (an ElasticUNet) or config (a standalone
+    or plain diffusers UNet). `out_dir` is the Ray Train run folder (`checkpoint_<step>/`
+    folders, and `ema/` with EMA); `resume=True` continues its latest checkpoint.
+    `max_failures`: times Ray restarts failed workers from the latest checkpoint. `objective`:
+    what a step minimises (default: the denoising loss), made on each worker from its copy of
+    the model and its device, by a callable that pickles (`nas.distill.DistillationJob`).
     When it returns, `model` holds the trained weights (as `train` leaves them).
     """
     config.check()
@@ -201,6 +206,7 @@ def train_ray(
             "encode": encode,
             "uncond": uncond,
             "config": config,
+            "objective": objective,
         }
         trainer = TorchTrainer(
             _train_worker,
@@ -237,7 +243,27 @@ def train_ray(
         checkpoint=Path(result.checkpoint.path),
         ema=ema,
         config=config,
+        terms={k: list(v) for k, v in state.get("terms", {}).items()},
     )
+
+
+def check_resume(state_dir: Path, on_ray: bool, owner: Path, start_over: str) -> bool:
+    """Whether `state_dir` holds a checkpoint to resume (in-process `checkpoint/`, or Ray
+    Train's `checkpoint_<step>/`); a UserError where it holds one of the other way of
+    training than `on_ray` says (`owner`: the folder to name, `start_over`: the way out)."""
+    here = (state_dir / CHECKPOINT_DIR / STATE_NAME).is_file()
+    on_ray_before = latest_checkpoint(state_dir) is not None
+    if on_ray and here and not on_ray_before:
+        raise UserError(
+            f"{owner} was trained in one process; resume it the same way (--workers 1, no "
+            f"--ray-address), or {start_over}"
+        )
+    if not on_ray and on_ray_before and not here:
+        raise UserError(
+            f"{owner} was trained on Ray Train; resume it with --workers 2 or more, or with "
+            f"--ray-address, or {start_over}"
+        )
+    return here or on_ray_before
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -257,7 +283,9 @@ def _train_worker(loop_config: dict) -> None:
     torch.set_num_threads(loop_config["threads"])
     job = ray.get(loop_config["job"])
     model = _unpack(job["model"])
-    config = replace(job["config"], device=str(ray.train.torch.get_device()))
+    device = ray.train.torch.get_device()
+    config = replace(job["config"], device=str(device))
+    objective = job["objective"](model, device) if job["objective"] is not None else None
     parallel = Parallel(
         rank=context.get_world_rank(),
         world_size=context.get_world_size(),
@@ -276,6 +304,7 @@ def _train_worker(loop_config: dict) -> None:
             uncond=job["uncond"],
             progress=False,  # a worker's progress bar cannot redraw through Ray's log lines
             parallel=parallel,
+            objective=objective,
         )
 
 
@@ -323,21 +352,48 @@ def _user_error_of(error: Exception) -> UserError | None:
 # -- the model through Ray's object store --------------------------------------------------------
 
 
-def _pack(model: ElasticUNet) -> dict:
+def _pack(model: torch.nn.Module) -> dict:
     """The model as plain data (what save_pretrained writes, in memory): an ElasticUNet itself
-    does not pickle, its space holds read-only mappings."""
+    does not pickle, its space holds read-only mappings. A standalone network
+    (`SearchedUNet2DConditionModel`) or a plain diffusers UNet goes as its config (and
+    architecture) and weights."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if not isinstance(model, ElasticUNet):
+        multiplicity = getattr(model, "multiplicity", None)
+        return {
+            "kind": "searched" if multiplicity is not None else "diffusers",
+            "config": {k: v for k, v in dict(model.config).items() if not k.startswith("_")},
+            "multiplicity": multiplicity,
+            "state": state,
+        }
     spec = model.space.spec.model_dump(mode="json")
     spec["base"] = {"config": dict(model.space.unet_config)}  # self-contained
     return {
+        "kind": "elastic",
         "space": spec,
         "architecture": model.architecture.to_dict(),
         "copies": model.copy_counts(),
         "skip": asdict(model.skip),
-        "state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "state": state,
     }
 
 
-def _unpack(packed: dict) -> ElasticUNet:
+def _unpack(packed: dict) -> torch.nn.Module:
+    kind = packed.get("kind", "elastic")
+    if kind == "searched":
+        from nas.searched_unet import SearchedUNet2DConditionModel
+
+        model = SearchedUNet2DConditionModel.from_architecture(
+            packed["config"], packed["multiplicity"]
+        )
+        model.load_state_dict(packed["state"])
+        return model
+    if kind == "diffusers":
+        from diffusers import UNet2DConditionModel
+
+        model = UNet2DConditionModel.from_config(packed["config"])
+        model.load_state_dict(packed["state"])
+        return model
     space = SearchSpace(SpaceSpec.model_validate(packed["space"]))
     model = ElasticUNet(space, skip=SkipConfig(**packed["skip"]))
     model.ensure_copies(packed["copies"])
@@ -346,4 +402,4 @@ def _unpack(packed: dict) -> ElasticUNet:
     return model
 
 
-__all__ = ["check_train_args", "latest_checkpoint", "ray_cluster", "train_ray"]
+__all__ = ["check_resume", "check_train_args", "latest_checkpoint", "ray_cluster", "train_ray"]

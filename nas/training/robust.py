@@ -63,7 +63,7 @@ log = logging.getLogger(__name__)
 
 class Objective:
     """What a training step minimises, given the noisy batch: here the denoising loss of robust
-    training. A subclass (distillation: `nas.deploy.distill.Distillation`) computes other terms from
+    training. A subclass (`nas.training.distillation.Distillation`) computes other terms from
     the same inputs and returns them by name beside the total, which the loop records.
     """
 
@@ -294,8 +294,9 @@ def train(
             batch_loss = loss.detach()
             skipped = model.last_skipped if elastic else []
             if parallel is not None and parallel.world_size > 1:
-                # the mean of equal shards' means: the whole batch's loss
+                # the mean of equal shards' means: the whole batch's loss (and terms)
                 batch_loss = _batch_loss_over_workers(batch_loss, skipped)
+                parts = _mean_over_workers(parts)
 
             optimizer.zero_grad(set_to_none=True)  # skipped blocks get no grad, no update
             scaler.scale(loss).backward()
@@ -371,6 +372,17 @@ def _loss(pred, target, t, scheduler: DDPMScheduler, config: TrainConfig) -> tor
     weight = weight / snr if config.prediction_type == "epsilon" else weight / (snr + 1)
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     return (per_sample * weight).mean()
+
+
+def _mean_over_workers(parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each term of the objective averaged over the workers (their shards are equal)."""
+    if not parts:
+        return parts
+    values = torch.stack([torch.as_tensor(v).detach().double().cpu() for v in parts.values()])
+    if dist.get_backend() == "nccl":  # NCCL reduces CUDA tensors only
+        values = values.cuda()
+    dist.all_reduce(values)
+    return dict(zip(parts, (values / dist.get_world_size()).cpu(), strict=True))
 
 
 def _batch_loss_over_workers(loss: torch.Tensor, skipped: list[tuple[str, int]]) -> torch.Tensor:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from nas.training.config import CHECKPOINT_DIR, STATE_NAME, TrainConfig, TrainResult
-from nas.training.ray import check_train_args, latest_checkpoint, train_ray
+from nas.training.config import TrainConfig, TrainResult
+from nas.training.ray import check_resume, check_train_args, train_ray
 from nas.training.robust import train
 from search_spaces import UserError
 
@@ -50,22 +50,10 @@ def train_supernet(
     state_dir = out / TRAIN_DIR
     on_ray = workers > 1 or ray_address is not None
     if resume:
-        here = (state_dir / CHECKPOINT_DIR / STATE_NAME).is_file()
-        on_ray_before = latest_checkpoint(state_dir) is not None
-        if on_ray and here and not on_ray_before:
-            raise UserError(
-                f"{out} was trained in one process; resume it the same way (--workers 1, no "
-                "--ray-address), or start a new --out"
-            )
-        if not here and not on_ray_before:
+        if not check_resume(state_dir, on_ray, out, "start a new --out"):
             raise UserError(
                 f"--resume, but {out} holds no checkpoint to resume from (in {state_dir}); "
                 "start without --resume"
-            )
-        if not on_ray and on_ray_before and not here:
-            raise UserError(
-                f"{out} was trained on Ray Train; resume it with --workers 2 or more, or with "
-                "--ray-address, or start a new --out"
             )
     elif out.exists() and any(out.iterdir()):
         raise UserError(
