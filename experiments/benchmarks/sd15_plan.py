@@ -39,8 +39,8 @@ from latency.predict import Predictor
 from latency.profile import build_table
 from latency.table import LatencyTable
 from nas.experiment import load_experiment
-from nas.search.evaluate import Cost, Protocol
-from nas.search.plan import Timing, iteration_cost, make_plan
+from nas.search.evaluate import Cost
+from nas.search.plan import Timing, cost_protocol, iteration_cost, make_plan
 from search_spaces import Action, Architecture, load_space
 
 HERE = Path(__file__).parent
@@ -128,15 +128,7 @@ def main(argv=None) -> None:
         for p in ["paper", *PROTOCOLS]:
             exp = experiment(p)
             e = exp.evaluation
-            protocol = Protocol(
-                [""] * e.prompts,
-                seeds=e.seeds,
-                steps=e.steps,
-                cfg=e.cfg,
-                sampler=e.sampler,
-                metric=e.metric,
-                timesteps=tuple(e.timesteps) if e.timesteps else None,
-            )
+            protocol = cost_protocol(exp)
             per_iteration = [iteration_cost(protocol, a, e.racing, group) for a in actions]
             total = sum(per_iteration, start=Cost())
             seconds = total.seconds(per_call.per_call_s, per_call.per_image_s)

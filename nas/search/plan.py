@@ -160,6 +160,21 @@ def walk(space, predictor: Predictor, exp: Experiment, target_ms: float, order: 
     return actions, removed, copied, ms(arch) <= target_ms
 
 
+def cost_protocol(exp) -> Protocol:
+    """The experiment's evaluation protocol as far as its compute goes: its sizes, sampler and
+    metric, with blank prompts (what is said costs nothing to count)."""
+    e = exp.evaluation
+    return Protocol(
+        [""] * e.prompts,
+        seeds=e.seeds,
+        steps=e.steps,
+        cfg=e.cfg,
+        sampler=e.sampler,
+        metric=e.metric,
+        timesteps=tuple(e.timesteps) if e.timesteps is not None else None,
+    )
+
+
 def make_plan(
     exp: Experiment,
     space: SearchSpace,
@@ -170,15 +185,7 @@ def make_plan(
 ) -> Plan:
     """The projection of `exp`'s search in `space` to `target_ms` (module docstring)."""
     e = exp.evaluation
-    protocol = Protocol(
-        [""] * e.prompts,
-        seeds=e.seeds,
-        steps=e.steps,
-        cfg=e.cfg,
-        sampler=e.sampler,
-        metric=e.metric,
-        timesteps=tuple(e.timesteps) if e.timesteps is not None else None,
-    )
+    protocol = cost_protocol(exp)
     plan = Plan(
         experiment=exp.name,
         space=space.name,
