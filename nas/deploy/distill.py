@@ -265,7 +265,7 @@ def distill(
     )
     data = world.dataset(WORLD_ITEMS, seed)
     if on_ray:
-        from nas.training.ray import WorldEncoder, _pack, train_ray
+        from nas.training.ray import _pack, train_ray
 
         result = train_ray(
             student,
@@ -274,7 +274,7 @@ def distill(
             folder / "train",
             workers=workers,
             resume=resume_training,
-            encode=WorldEncoder(world.clip),
+            encode=world.picklable_encoder(),  # Ray ships it to every worker
             uncond=world.uncond()[0],
             ray_address=ray_address,
             use_gpu=use_gpu,

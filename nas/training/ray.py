@@ -171,7 +171,8 @@ def train_ray(
     folders, and `ema/` with EMA); `resume=True` continues its latest checkpoint.
     `max_failures`: times Ray restarts failed workers from the latest checkpoint. `objective`:
     what a step minimises (default: the denoising loss), made on each worker from its copy of
-    the model and its device, by a callable that pickles (`nas.distill.DistillationJob`).
+    the model and its device, by a callable that pickles (`DistillationJob` of
+    `nas.training.distillation`).
     When it returns, `model` holds the trained weights (as `train` leaves them).
     """
     config.check()
