@@ -158,6 +158,7 @@ def test_pareto_front():
         ("0.5,abc", "not a list of numbers"),
         ("0.5,1.5", "1.5 out of range"),
         ("0", "0.0 out of range"),
+        ("0.5,1", "1.0 out of range"),
         ("0.5,0.5", "repeated"),
     ],
 )

@@ -11,11 +11,11 @@ The targets are each hand design's own latency (its predicted latency over the o
 rounded down to 0.01; designs within 0.03 of each other share the lowest) plus the profile's
 extra ratios, so that at every design's latency there is an evolved network as fast.
 
-Headline, last line: `pareto_found_beats_designs: k/n`: of the n hand designs, k are beaten
-by the evolved front: the best evolved network (mean over seeds) whose predicted latency is
-at most the design's has a mean held-out CLIP higher by more than 2 combined standard errors
-(seed to seed). The line before gives the smallest margin in those units
-(`pareto_min_margin_sigma`), and each design's verdict (beaten / matched / lost).
+Headline, last line: `pareto_min_margin_sigma: X`, the smallest margin over the hand designs
+of the best evolved network (mean over seeds) whose predicted latency is at most the design's:
+its mean held-out CLIP minus the design's, in combined standard errors (seed to seed). The
+line before, `pareto_found_beats_designs: k/n`: of the n hand designs, k are beaten by more
+than 2 of those units; the JSON gives each design's verdict (beaten / matched / lost).
 
 Also, for the sd15 space: each hand design's and SnapFusion's Table 3 network's parameters
 and predicted latency on a CPU sd15 table at its own size (latent 64×64, batch 2), measured
@@ -198,8 +198,8 @@ def main(argv=None) -> None:
             print(f"sd15 {name}: {r['params'] / 1e6:.1f}M, {r['latency_ms']:.0f} ms predicted")
     print(f"sweep wall time: {sweep_seconds / 60:.1f} min on {torch.get_num_threads()} threads")
     mins = out["headline"]["min_margin_sigma"]
-    print(f"pareto_min_margin_sigma: {'n/a' if mins is None else f'{mins:.2f}'}")
     print(f"pareto_found_beats_designs: {beaten}/{len(verdicts)}")
+    print(f"pareto_min_margin_sigma: {'n/a' if mins is None else f'{mins:.2f}'}")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -19,6 +20,7 @@ RESULTS = HERE / "results"
 REPO = HERE.parents[1]
 PAGE = REPO / "docs" / "results.md"
 README = REPO / "README.md"
+PICTURES = ("pareto.png",)  # benchmark pictures copied to docs/images/ with the page
 # The README's table lives between these two lines; everything else in the README is left as is.
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
@@ -232,6 +234,10 @@ def write_all(
     page.parent.mkdir(parents=True, exist_ok=True)
     page.write_text(render_page(rows, results))
     print(f"wrote {page}")
+    for name in PICTURES:  # the README shows them; results/*.png stays out of git
+        if (results / name).is_file():
+            (page.parent / "images").mkdir(exist_ok=True)
+            shutil.copyfile(results / name, page.parent / "images" / name)
     if readme.is_file():  # a benchmark folder outside a checkout (the driver's tests) has none
         readme.write_text(replace_block(readme.read_text(), render_readme_table(rows, results)))
         print(f"wrote the results table of {readme}")

@@ -72,7 +72,7 @@ class SweepResult:
 
 def parse_targets(text: str | Sequence[float]) -> list[float]:
     """`--targets 0.7,0.5,0.3`: latency targets as fractions of the original's latency."""
-    how = "give fractions of the original's latency in (0, 1], e.g. --targets 0.7,0.5,0.3"
+    how = "give fractions of the original's latency in (0, 1), e.g. --targets 0.7,0.5,0.3"
     if isinstance(text, str):
         items = [t.strip() for t in text.split(",") if t.strip()]
         try:
@@ -83,7 +83,7 @@ def parse_targets(text: str | Sequence[float]) -> list[float]:
         values = [float(t) for t in text]
     if not values:
         raise UserError(f"--targets is empty; {how}")
-    bad = [v for v in values if not 0 < v <= 1]
+    bad = [v for v in values if not 0 < v < 1]  # 1: the original itself, nothing to search
     if bad:
         raise UserError(f"--targets: {', '.join(map(str, bad))} out of range; {how}")
     if len(set(values)) != len(values):
