@@ -31,6 +31,7 @@ from latency.predict import Predictor
 from nas.experiment import Experiment
 from nas.search.evaluate import Cost, Protocol
 from nas.search.racing import raced_images
+from nas.search.run import evaluation_protocol
 from search_spaces import Action, Architecture, SearchSpace, UserError
 
 
@@ -161,18 +162,9 @@ def walk(space, predictor: Predictor, exp: Experiment, target_ms: float, order: 
 
 
 def cost_protocol(exp) -> Protocol:
-    """The experiment's evaluation protocol as far as its compute goes: its sizes, sampler and
-    metric, with blank prompts (what is said costs nothing to count)."""
-    e = exp.evaluation
-    return Protocol(
-        [""] * e.prompts,
-        seeds=e.seeds,
-        steps=e.steps,
-        cfg=e.cfg,
-        sampler=e.sampler,
-        metric=e.metric,
-        timesteps=tuple(e.timesteps) if e.timesteps is not None else None,
-    )
+    """The experiment's evaluation protocol as far as its compute goes: the search's own, with
+    blank prompts (what they say costs nothing to count)."""
+    return evaluation_protocol(exp, None, [""] * exp.evaluation.prompts)
 
 
 def make_plan(
