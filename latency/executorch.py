@@ -333,6 +333,22 @@ def time_program(program, inputs, warmup: int, repeats: int) -> list[float]:
     return samples
 
 
+def time_in_turns(programs: dict, inputs, warmup: int, repeats: int) -> dict[str, list[float]]:
+    """Milliseconds of `repeats` runs of each program, one run of each in turn, again and
+    again: a machine that gets busy part-way slows every program alike, so their ratios hold."""
+    args = list(inputs)
+    for program in programs.values():
+        for _ in range(warmup):
+            program.forward(args)
+    samples: dict[str, list[float]] = {name: [] for name in programs}
+    for _ in range(repeats):
+        for name, program in programs.items():
+            start = time.perf_counter()
+            program.forward(args)
+            samples[name].append((time.perf_counter() - start) * 1000)
+    return samples
+
+
 def cache_path(key: str, delegate: str, attention: str) -> Path:
     """Where a block's program is cached: per ExecuTorch version, so a new one lowers again."""
     return cache_dir() / "executorch" / require() / f"{key}-{delegate}-{attention}.pte"

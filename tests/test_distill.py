@@ -314,14 +314,14 @@ def test_export_format_not_installed(run, capsys, monkeypatch):
 def test_export_executorch_runs_as_the_network(run, capsys):
     pytest.importorskip("executorch")
     import latency.executorch as et
-    from nas.deploy.export import _inputs
+    from nas.deploy.export import network_inputs
 
     code, err = cli(["export", str(run), "--format", "executorch"], capsys)
     assert code in (0, None), err
     path = run / "export" / "found-executorch" / "unet.pte"
     supernet = ElasticUNet.from_pretrained(run / "final")
     net = to_standalone(supernet, Architecture.load(run / "final.arch.json"))
-    inputs = _inputs(supernet.space)
+    inputs = network_inputs(supernet.space)
     with torch.no_grad():
         expected = net(*inputs, return_dict=False)[0]
     got = et.load(path).forward(list(inputs))[0]

@@ -227,6 +227,27 @@ def test_whole_network_program_computes_the_elastic_unet(tmp_path, micro_space):
     assert timer(arch) > 0 and set(timer.lower_seconds) == {arch.hash}
     timer(arch)
     assert set(timer.lower_seconds) == {arch.hash}  # timed again, not lowered again
+    both = {"first": et.load(path), "again": et.load(path)}
+    samples = et.time_in_turns(both, inputs, warmup=1, repeats=2)
+    assert {k: len(v) for k, v in samples.items()} == {"first": 2, "again": 2}
+    assert all(ms > 0 for v in samples.values() for ms in v)
+
+
+def test_programs_timed_in_turns_run_each_one_in_alternation():
+    class Program:  # a loaded program's interface: forward(list of inputs)
+        def __init__(self, name, calls):
+            self.name, self.calls = name, calls
+
+        def forward(self, args):
+            self.calls.append(self.name)
+            return args
+
+    calls: list[str] = []
+    programs = {"a": Program("a", calls), "b": Program("b", calls)}
+    samples = et.time_in_turns(programs, (torch.zeros(1),), warmup=2, repeats=3)
+    assert {k: len(v) for k, v in samples.items()} == {"a": 3, "b": 3}
+    assert all(ms >= 0 for v in samples.values() for ms in v)
+    assert calls == ["a", "a", "b", "b"] + ["a", "b"] * 3  # warm-ups, then one of each in turn
 
 
 def test_cli_builds_and_shows_an_executorch_table(run_cli, tmp_path, micro_space, cache):

@@ -139,4 +139,16 @@ def test_committed_page_and_readme_table_are_the_generated_ones():
     readme = (REPO / "README.md").read_text()
     table = page.replace_block(readme, page.render_readme_table())
     assert readme == table, f"the README's results table {stale}"
+    for path, text in page.render_blocks().items():  # docs pages showing a result's tables
+        assert path.read_text() == text, f"the result tables of {path} {stale}"
+    assert {path for path, *_ in page.BLOCKS} <= set(page.render_blocks())
+
+
+def test_a_page_block_needs_its_two_marker_lines():
+    text = "intro\n<!-- distill:start -->\nold\n<!-- distill:end -->\nafter\n"
+    assert page.replace_block(text, "new\n", "distill") == (
+        "intro\n<!-- distill:start -->\nnew\n<!-- distill:end -->\nafter\n"
+    )
+    with pytest.raises(ValueError, match="docs/x.md needs one <!-- distill:start --> line"):
+        page.replace_block("no markers\n", "new\n", "distill", "docs/x.md")
     assert sum(r.readme for r in page.ROWS) <= 15

@@ -9,9 +9,9 @@ prompts after the search's, `nas.search.run.held_out_prompts`, several noises ea
 - the same distillation of a hand-designed network (`--hand-variants`, default: none and the
   default loss): of the BK-SDM designs translated to the space (experiments/designs/), the one
   whose predicted latency is closest to the found network's;
-- the exported standalone network (`diffnas export --distilled`, loaded back from its folder)
-  timed whole with torch on this CPU, beside the latency table's prediction; the original
-  network too.
+- the exported standalone network timed whole beside the original, with torch on this CPU
+  and as ExecuTorch XNNPACK programs (`.pte`), each against a table of its runtime
+  (exported_latency.py).
 
 Every ratio comes with its standard error: student and teacher are scored on the same prompts
 and noises, so the error is the one of the mean paired difference (per image) over the
@@ -44,17 +44,17 @@ import time
 from pathlib import Path
 
 import torch
+from distill_tables import all_tables
+from exported_latency import executorch_latency, torch_latency
 from provenance import provenance
 
 from latency.predict import Predictor
 from latency.table import LatencyTable
-from nas.deploy.distill import distill, measure_ms
-from nas.deploy.export import export_network
+from nas.deploy.distill import distill
 from nas.deploy.standalone import to_standalone
 from nas.distill_config import DistillConfig
 from nas.experiment import load_experiment
 from nas.search.run import latency_db, run_search
-from nas.searched_unet import SearchedUNet2DConditionModel
 from nas.supernet import ElasticUNet
 from search_spaces import Architecture, SearchSpace
 
@@ -190,6 +190,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--hand-variants", default="none,full", help="the variants of the hand design (as above)"
     )
     ap.add_argument("--no-export", action="store_true", help="skip the exported network's timing")
+    ap.add_argument(
+        "--no-executorch", action="store_true", help="skip the ExecuTorch programs' timing"
+    )
+    ap.add_argument(
+        "--executorch-table",
+        type=Path,
+        help="an ExecuTorch latency database of the space (default: built in the run folder)",
+    )
     ap.add_argument(
         "--reuse",
         action="store_true",
@@ -330,10 +338,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.table:
         for path in args.table:
-            result = json.loads(path.read_text())
-            print(table(result))
-            if result.get("block_scales"):
-                print("\n" + scales_table(result))
+            print(all_tables(json.loads(path.read_text())), end="")
         return
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
@@ -372,29 +377,14 @@ def main(argv=None) -> None:
             "variants": hand_variants,
         }
 
-    latency = None
-    if "full" in variants and not args.no_export:  # the exported network, loaded back
-        out, info = export_network(run, "diffusers", distilled=True, force=True)
-        exported = SearchedUNet2DConditionModel.from_pretrained(out)
-        if info["form"] == "UNet2DConditionModel":
-            from diffusers import UNet2DConditionModel
-
-            exported = UNet2DConditionModel.from_pretrained(out).eval()
-        original = to_standalone(supernet, space.original())
-        measured = measure_ms({"original": original, "found": exported}, space, args.repeats)
-        latency = {
-            "export_form": info["form"],
-            "predicted_ms": {"original": original_ms, "found": found_ms},
-            "measured_ms": measured,
-            "measured_over_predicted": {
-                "original": measured["original"] / original_ms,
-                "found": measured["found"] / found_ms,
-            },
-            "speedup": {
-                "predicted": original_ms / found_ms,
-                "measured": measured["original"] / measured["found"],
-            },
-        }
+    latency = executorch = None
+    if "full" in variants and not args.no_export:  # the exported network, timed whole
+        predicted = {"original": original_ms, "found": found_ms}
+        latency = torch_latency(run, supernet, predicted, args.repeats)
+        if not args.no_executorch:
+            executorch = executorch_latency(
+                run, supernet, found, args.executorch_table, args.repeats, args.threads
+            )
 
     ratios = {name: v["ratio"] for name, v in variants.items()}
     if hand is not None:
@@ -418,6 +408,7 @@ def main(argv=None) -> None:
         "hand_design": hand,
         "clip_ratio_to_full": ratios,
         "latency": latency,
+        "latency_executorch": executorch,
         "seconds": time.perf_counter() - start,
     } | provenance(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -434,88 +425,15 @@ def main(argv=None) -> None:
             f"latency (torch CPU, exported): original {m['original']:.2f} ms (table "
             f"{p['original']:.2f}), found {m['found']:.2f} ms (table {p['found']:.2f})"
         )
+    if executorch:
+        s = executorch["speedup"]
+        print(
+            f"speed-up (ExecuTorch XNNPACK, exported .pte): measured {s['measured']:.2f}x, "
+            f"its table predicted {s['predicted']:.2f}x"
+        )
     if "full" in ratios:
         key = "held_out" if "held_out" in ratios["full"] else "search"
         print(f"distill_clip_ratio: {ratios['full'][key]['ratio']:.4f}")
-
-
-LABELS = {
-    "none": "found, no training",
-    "task": "found, task loss only",
-    "task+output": "found, task + output KD",
-    "full": "found, the default loss",
-    "bksdm": "found, BK-SDM's loss (plain feature MSEs summed, all weights 1)",
-}
-
-
-def _label(name: str, v: dict | None) -> str:
-    if name in LABELS:
-        label = LABELS[name]
-    else:
-        label = f"found, weights {name[2:]}"
-    w = v.get("weights") if v else None
-    if name == "full" and w:
-        label += f" (weights {w['task']:g}, {w['output']:g}, {w['feature']:g}, {w['feature_loss']})"
-    return label
-
-
-def scales_table(result: dict) -> str:
-    """The block scales at the start of distilling the found network, as markdown."""
-    sc = result["block_scales"]
-    rows = [
-        f"task loss {sc['task']:.3f}, output KD {sc['output_kd']:.3f} (one batch of "
-        f"{sc['batch']}, the target's mean square {sc['target_mean_square']:.2f})",
-        "",
-        "| block | teacher's mean square | plain MSE | relative error | matched |",
-        "|---|---|---|---|---|",
-    ]
-    for name, b in sc["blocks"].items():
-        rows.append(
-            f"| `{name}` | {b['teacher_mean_square']:.2f} | {b['mse']:.3f} | "
-            f"{b['relative']:.3f} | {'yes' if b['matched'] else 'no: nothing computed'} |"
-        )
-    total = sum(b["mse"] for b in sc["blocks"].values())
-    matched = [b for b in sc["blocks"].values() if b["matched"]]
-    rows.append(
-        f"| sum (every block) / BK-SDM sum (matched) / mean relative (matched) | | {total:.2f} "
-        f"/ {sum(b['mse'] for b in matched):.2f} | "
-        f"{statistics.fmean(b['relative'] for b in matched):.3f} | |"
-    )
-    return "\n".join(rows)
-
-
-def table(result: dict) -> str:
-    """The result's markdown table: CLIP and its ratio to the full network (± standard error)
-    on each protocol, per variant and the hand design, and the training time."""
-    protocols = list(result["teacher_clip"])
-    head = "| network | " + " | ".join(protocols) + " | training |"
-    rows = [head, "|---" * (len(protocols) + 2) + "|"]
-    teacher = result["teacher_clip"]
-    rows.append(
-        "| full network (teacher) | "
-        + " | ".join(f"{teacher[p]:.2f}" for p in protocols)
-        + " | - |"
-    )
-
-    def row(label: str, clip: dict, r: dict, seconds) -> str:
-        cells = [
-            f"{clip[p]:.2f} ({100 * r[p]['ratio']:.1f}% ± {100 * r[p]['se']:.1f})"
-            for p in protocols
-        ]
-        t = f"{seconds:.0f} s" if seconds is not None else "-"
-        return f"| {label} | " + " | ".join(cells) + f" | {t} |"
-
-    for name, v in result["variants"].items():
-        rows.append(row(_label(name, v), v["clip"], v["ratio"], v.get("train_seconds")))
-    hand = result.get("hand_design")
-    if hand:
-        for name, v in hand["variants"].items():
-            design = f"hand design `{hand['design']}`"
-            if name == "none":
-                design += f" ({hand['predicted_ms']:.2f} ms predicted)"
-            label = _label(name, v).replace("found", design, 1)
-            rows.append(row(label, v["clip"], v["ratio"], v.get("train_seconds")))
-    return "\n".join(rows)
 
 
 if __name__ == "__main__":

@@ -25,18 +25,25 @@ PICTURES = ("pareto.png",)  # benchmark pictures copied to docs/images/ with the
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 
-def _load_headlines():
+def _load_module(name: str):
     # by path: this file runs as a script, and as a module of run_all.py and of its tests,
     # neither of which has this folder on sys.path
-    spec = importlib.util.spec_from_file_location("headlines", HERE / "headlines.py")
+    spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
 
-_headlines = _load_headlines()
+_headlines = _load_module("headlines")
 Row, ROWS = _headlines.Row, _headlines.ROWS
+# Pages that show a result's own tables between two marker lines, written from its JSON:
+# (page, marker name, result file, the function that renders the block)
+_distill_tables = _load_module("distill_tables").all_tables
+BLOCKS = [
+    (REPO / "docs" / "distill.md", "distill", "distill.json", _distill_tables),
+    (REPO / "docs" / "distill.md", "distill-weights", "distill_weights.json", _distill_tables),
+]
 
 
 # -- provenance: what each file records of how it was made (the files differ in their keys)
@@ -219,13 +226,26 @@ def render_readme_table(
     return "\n".join(out) + "\n"
 
 
-def replace_block(text: str, table: str) -> str:
-    """`text` with what lies between the results markers replaced by `table`."""
-    if text.count(START) != 1 or text.count(END) != 1 or text.index(START) > text.index(END):
-        raise ValueError(f"the README needs one {START} line followed by one {END} line")
-    head, rest = text.split(START)
-    _, tail = rest.split(END)
-    return f"{head}{START}\n{table}{END}{tail}"
+def replace_block(text: str, table: str, marker: str = "results", where: str = "the README") -> str:
+    """`text` with what lies between the `marker` lines (<!-- results:start --> and
+    <!-- results:end -->) replaced by `table`."""
+    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
+    if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
+        raise ValueError(f"{where} needs one {start} line followed by one {end} line")
+    head, rest = text.split(start)
+    _, tail = rest.split(end)
+    return f"{head}{start}\n{table}{end}{tail}"
+
+
+def render_blocks(results: Path = RESULTS) -> dict[Path, str]:
+    """Each page of BLOCKS with its block rewritten from its result file."""
+    pages: dict[Path, str] = {}
+    for path, marker, name, render in BLOCKS:
+        d = _load(results, name)
+        if d is not None and path.is_file():
+            text = pages.get(path) or path.read_text()
+            pages[path] = replace_block(text, render(d), marker, str(path))
+    return pages
 
 
 def write_all(
@@ -241,6 +261,9 @@ def write_all(
     if readme.is_file():  # a benchmark folder outside a checkout (the driver's tests) has none
         readme.write_text(replace_block(readme.read_text(), render_readme_table(rows, results)))
         print(f"wrote the results table of {readme}")
+    for path, text in render_blocks(results).items():
+        path.write_text(text)
+        print(f"wrote the result tables of {path}")
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ class _Tensors(nn.Module):
         return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
 
 
-def _inputs(space: SearchSpace) -> tuple[torch.Tensor, ...]:
+def network_inputs(space: SearchSpace) -> tuple[torch.Tensor, ...]:
     """Inputs of the space's shapes: an exported program's fixed shapes (values do not matter)."""
     g = torch.Generator().manual_seed(0)
     return (
@@ -59,12 +59,12 @@ def _inputs(space: SearchSpace) -> tuple[torch.Tensor, ...]:
     )
 
 
-def _write_executorch(net: nn.Module, space: SearchSpace, path: Path, meta: dict) -> Path:
+def write_executorch(net: nn.Module, space: SearchSpace, path: Path, meta: dict) -> Path:
     """An XNNPACK `.pte` (with its `.pte.json` sidecar), lowered as the table's blocks are
     (`latency.executorch.lower`: same delegate, same attention processor)."""
     from latency import executorch as et
 
-    lowered = et.lower(_Tensors(net.eval()), _inputs(space), "xnnpack", "classic")
+    lowered = et.lower(_Tensors(net.eval()), network_inputs(space), "xnnpack", "classic")
     inputs = ["sample", "timestep", "encoder_hidden_states"]
     return et.save(path, lowered, {**meta, "delegate": "xnnpack", "inputs": inputs})
 
@@ -73,7 +73,7 @@ def _write_coreml(net: nn.Module, space: SearchSpace, path: Path, meta: dict) ->
     from latency.coreml import convert_program
     from nas.deploy.coreml import OUTPUT_NAME
 
-    inputs = _inputs(space)
+    inputs = network_inputs(space)
     program = torch.export.export(_Tensors(net.eval()), inputs).run_decompositions({})
     return convert_program(
         program,
@@ -135,7 +135,7 @@ def export_network(
         _write_coreml(net, space, out, info)
         info["form"] = "Core ML ML program (.mlpackage)"
     elif fmt == "executorch":
-        _write_executorch(net, space, out, info)
+        write_executorch(net, space, out, info)
         info["form"] = "ExecuTorch program (.pte, XNNPACK)"
     else:
         plain = to_plain(net, space)
@@ -151,4 +151,11 @@ def export_network(
     return out, info
 
 
-__all__ = ["FORMATS", "check_format", "export_network", "load_network"]
+__all__ = [
+    "FORMATS",
+    "check_format",
+    "export_network",
+    "load_network",
+    "network_inputs",
+    "write_executorch",
+]
