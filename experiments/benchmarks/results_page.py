@@ -40,9 +40,11 @@ Row, ROWS = _headlines.Row, _headlines.ROWS
 # Pages that show a result's own tables between two marker lines, written from its JSON:
 # (page, marker name, result file, the function that renders the block)
 _distill_tables = _load_module("distill_tables").all_tables
+_pareto_tables = _load_module("pareto_tables").all_tables
 BLOCKS = [
     (REPO / "docs" / "distill.md", "distill", "distill.json", _distill_tables),
     (REPO / "docs" / "distill.md", "distill-weights", "distill_weights.json", _distill_tables),
+    (REPO / "docs" / "pareto.md", "pareto", "pareto.json", _pareto_tables),
 ]
 
 
