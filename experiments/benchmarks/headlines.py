@@ -301,6 +301,19 @@ ROWS: list[Row] = [
     ),
     Row(
         "Latency tables",
+        "… the same networks against the table's raw block sum [same targets]",
+        "latency_accuracy_executorch.json",
+        _accuracy("tiny", "raw"),
+        _accuracy_met("tiny", "raw"),
+    ),
+    Row(
+        "Latency tables",
+        "… the machine's own noise ceiling (fastest of 2 rounds against the fastest of 2 others)",
+        "latency_accuracy_executorch.json",
+        _accuracy("tiny", "ceiling"),
+    ),
+    Row(
+        "Latency tables",
         "few-shot transfer from 10 measured blocks: τ gain over ranking by the source table "
         "alone, per pair of settings [> 0 for each]",
         "latency_transfer_quick.json",
