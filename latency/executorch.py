@@ -322,15 +322,7 @@ def set_threads(threads: int | None) -> int:
 
 def time_program(program, inputs, warmup: int, repeats: int) -> list[float]:
     """Milliseconds of `repeats` runs of `forward`, after `warmup` untimed ones."""
-    args = list(inputs)
-    for _ in range(warmup):
-        program.forward(args)
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        program.forward(args)
-        samples.append((time.perf_counter() - start) * 1000)
-    return samples
+    return time_in_turns({"program": program}, inputs, warmup, repeats)["program"]
 
 
 def time_in_turns(programs: dict, inputs, warmup: int, repeats: int) -> dict[str, list[float]]:
