@@ -34,7 +34,7 @@ class DistillConfig:
     teacher far better than its student (BK-SDM's setting: an SD UNet with blocks removed).
     """
 
-    steps: int = Field(300, ge=1)  # optimizer steps in total (--resume continues up to this)
+    steps: int = Field(500, ge=1)  # optimizer steps in total (--resume continues up to this)
     batch_size: int = Field(32, ge=1)  # samples per step
     lr: float = Field(1e-4, gt=0)  # AdamW peak learning rate
     lr_scheduler: str = "constant"  # diffusers schedule name: constant, cosine, linear, ...
