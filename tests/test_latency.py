@@ -13,6 +13,7 @@ import platform
 import sqlite3
 import subprocess
 import sys
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -620,6 +621,21 @@ def test_torch_backend_profiles_a_small_block(part):
     assert timing.median_ms > 0 and timing.iqr_ms >= 0
     assert timing.versions["torch"] == torch.__version__
     assert timing.versions["threads"] == 1
+
+
+def test_torch_backend_warns_of_passive_openmp_threads(monkeypatch):
+    threads = torch.get_num_threads()
+    monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
+    try:
+        with pytest.warns(UserWarning, match="OMP_WAIT_POLICY=PASSIVE"):
+            get_backend("torch", threads=2).test_connection()
+        backend = get_backend("torch", threads=1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # one thread waits for no other
+            backend.test_connection()
+        assert backend.versions()["omp_wait_policy"] == "passive"  # recorded with each row
+    finally:
+        torch.set_num_threads(threads)
 
 
 # a fresh process (the setting is process-wide): page faults of writing a 64 MB tensor, 12

@@ -223,3 +223,14 @@ def test_space_show_prints_the_predicted_latency(tmp_path, capsys):
     assert f"predicted latency on {DEVICE}" in out and "predicted latency, bksdm_small.sd15" in out
     code, err = cli(capsys, "space", "show", "sd15", "--device", "nowhere", "--db", db)
     assert code == 2 and "no measurements for device 'nowhere'" in err
+
+
+def test_sweep_targets_leave_out_extras_next_to_a_design():
+    from test_eval_outcome_bench import load as load_bench
+
+    bench = load_bench("pareto")
+    ratios = {"base": 0.734, "snapgen": 0.672, "small": 0.631, "tiny": 0.605}
+    # Small shares Tiny's target; 0.65 is within 0.03 of SnapGen's 0.67, the others are kept
+    assert bench.design_targets(ratios) == [0.6, 0.67, 0.73]
+    assert bench.sweep_targets(ratios, [0.8, 0.65, 0.5, 0.35]) == [0.8, 0.73, 0.67, 0.6, 0.5, 0.35]
+    assert bench.sweep_targets(ratios, []) == [0.73, 0.67, 0.6]

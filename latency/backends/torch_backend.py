@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import platform
 import time
+import warnings
 
 import diffusers
 import torch
@@ -40,6 +42,11 @@ def keep_heap() -> bool:
     return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, -1))
 
 
+def passive_wait() -> bool:
+    """Whether OpenMP threads sleep between ops (OMP_WAIT_POLICY=PASSIVE) in this process."""
+    return os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
+
+
 @register
 class TorchBackend(Backend):
     name = "torch"
@@ -59,6 +66,14 @@ class TorchBackend(Backend):
         if self.threads is not None:
             torch.set_num_threads(self.threads)
         self.heap_kept = self.compute_unit == "cpu" and keep_heap()
+        if self.compute_unit == "cpu" and torch.get_num_threads() > 1 and passive_wait():
+            # every op then waits for its sleeping threads to wake: a tiny-space ResNet block
+            # timed 3.7x slower with 2 threads, steadily, so the noise guard cannot see it
+            warnings.warn(
+                "OMP_WAIT_POLICY=PASSIVE is set: multi-threaded CPU timings will be several "
+                "times slower than the device runs; unset it, or time with --threads 1",
+                stacklevel=2,
+            )
 
     def convert_model(self, signature: BlockSignature):
         sig = signature.with_dtype(self.precision)
@@ -91,6 +106,8 @@ class TorchBackend(Backend):
             "machine": platform.machine(),
             "processor": platform.processor() or platform.machine(),
         }
+        if os.environ.get("OMP_WAIT_POLICY"):  # it changes multi-threaded CPU times
+            v["omp_wait_policy"] = os.environ["OMP_WAIT_POLICY"]
         if getattr(self, "heap_kept", False):
             v["malloc"] = "heap kept"  # timed without page faults on fresh memory (keep_heap)
         if self.compute_unit == "cuda" and torch.cuda.is_available():
