@@ -43,6 +43,7 @@ _distill_tables = _load_module("distill_tables").all_tables
 _pareto_tables = _load_module("pareto_tables").all_tables
 BLOCKS = [
     (REPO / "docs" / "distill.md", "distill", "distill.json", _distill_tables),
+    (REPO / "docs" / "distill.md", "distill-300", "distill_300_steps.json", _distill_tables),
     (REPO / "docs" / "distill.md", "distill-heldout8", "distill_heldout8.json", _distill_tables),
     (REPO / "docs" / "distill.md", "distill-weights", "distill_weights.json", _distill_tables),
     (REPO / "docs" / "pareto.md", "pareto", "pareto.json", _pareto_tables),
