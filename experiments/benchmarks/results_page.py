@@ -20,7 +20,8 @@ RESULTS = HERE / "results"
 REPO = HERE.parents[1]
 PAGE = REPO / "docs" / "results.md"
 README = REPO / "README.md"
-PICTURES = ("pareto.png",)  # benchmark pictures copied to docs/images/ with the page
+# benchmark pictures copied to docs/images/ with the page: result file -> the page's name
+PICTURES = {"full/pareto.png": "pareto.png"}
 # The README's table lives between these two lines; everything else in the README is left as is.
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
@@ -47,6 +48,7 @@ BLOCKS = [
     (REPO / "docs" / "distill.md", "distill-heldout8", "distill_heldout8.json", _distill_tables),
     (REPO / "docs" / "distill.md", "distill-weights", "distill_weights.json", _distill_tables),
     (REPO / "docs" / "pareto.md", "pareto", "pareto.json", _pareto_tables),
+    (REPO / "docs" / "pareto.md", "pareto-full", "full/pareto.json", _pareto_tables),
 ]
 
 
@@ -258,10 +260,10 @@ def write_all(
     page.parent.mkdir(parents=True, exist_ok=True)
     page.write_text(render_page(rows, results))
     print(f"wrote {page}")
-    for name in PICTURES:  # the README shows them; results/*.png stays out of git
-        if (results / name).is_file():
+    for source, name in PICTURES.items():  # the README shows them; results/ PNGs stay out of git
+        if (results / source).is_file():
             (page.parent / "images").mkdir(exist_ok=True)
-            shutil.copyfile(results / name, page.parent / "images" / name)
+            shutil.copyfile(results / source, page.parent / "images" / name)
     if readme.is_file():  # a benchmark folder outside a checkout (the driver's tests) has none
         readme.write_text(replace_block(readme.read_text(), render_readme_table(rows, results)))
         print(f"wrote the results table of {readme}")
